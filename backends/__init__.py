@@ -1,0 +1,1 @@
+"""I/O the shell plugs in: message stores (and, later, brokers)."""

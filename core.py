@@ -1,0 +1,1169 @@
+"""hubbub's sans-io core: it decides, it never does.
+
+Bytes and the current time go in; bytes per connection and a short list of
+effects come out. No sockets, no event loop, no clock of its own and no
+module-level mutable state, so one process can run several ``Server`` objects
+and a test can replay a whole session (ping timeouts included) in microseconds.
+
+The file reads top-down: values (config, effects, errors), the frame encoder,
+the permessage-deflate and size-limit extensions for wsproto, the router, the
+connection, rooms, and last the ``Server`` that ties them together.
+
+Typical use from an event loop::
+
+    server = Server(router, Config())
+    conn = server.connect(peer=("127.0.0.1", 50422), now=now)
+    server.receive(conn, data, now)         # b"" means the peer closed its side
+    for c in server.pending():              # connections that gained output
+        transport_of[c].write(c.data_to_send())
+        if c.closed: transport_of[c].close()
+    deadline = server.tick(now)             # keepalive, handshake and close timers
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import heapq
+import json
+import re
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import h11
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState as WSState
+from wsproto.connection import ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, Opcode, RsvBits
+from wsproto.utilities import generate_accept_token
+
+__all__ = [
+    "Config",
+    "Connection",
+    "Endpoint",
+    "EventError",
+    "HandlerFailed",
+    "History",
+    "Match",
+    "Room",
+    "Router",
+    "Server",
+    "State",
+    "Stored",
+    "UsageError",
+    "encode_frame",
+]
+
+# ---------------------------------------------------------------------------
+# Values: configuration, effects, errors
+# ---------------------------------------------------------------------------
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A Config field whose reason travels with it: into --help and the README table."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every limit in one place, each with its reason. The CLI is built from these fields."""
+
+    max_connections: int = _setting(10_000, "open WebSocket connections; the next handshake gets HTTP 503")
+    max_message_size: int = _setting(
+        64 * 1024, "bytes per message on JSON routes, across fragments and after inflating; close 1009 beyond"
+    )
+    max_echo_message_size: int = _setting(
+        16 * 1024 * 1024, "bytes per message on /echo, which carries arbitrary payloads; close 1009 beyond"
+    )
+    max_buffer: int = _setting(
+        1024 * 1024, "outbound bytes queued per connection; a client that reads slower is closed with 1013"
+    )
+    rate_limit: float = _setting(
+        100.0,
+        "messages per second per connection, with a burst of one second's worth; 0 turns it off. "
+        "Over it: error event rate_limited and the message is dropped; a further second's worth: close 1008",
+    )
+    ping_interval: float = _setting(20.0, "seconds between keepalive pings; 0 turns them off")
+    ping_timeout: float = _setting(20.0, "no pong within this many seconds of a ping: close 1011")
+    handshake_timeout: float = _setting(10.0, "seconds a client has to send its HTTP request; then it is dropped")
+    close_timeout: float = _setting(5.0, "seconds to wait for the peer's close frame after ours; then it is dropped")
+    max_header_bytes: int = _setting(16 * 1024, "bytes of request line and headers; HTTP 431 beyond")
+    max_headers: int = _setting(64, "number of request headers; HTTP 431 beyond")
+    allowed_origins: tuple[str, ...] | None = _setting(
+        None,
+        "origins allowed to open a WebSocket ('*' for any); unset: the server's own host only, plus "
+        "clients that send no Origin. Blocks cross-site WebSocket hijacking (HTTP 403)",
+    )
+    compression: bool = _setting(True, "negotiate permessage-deflate when the client offers it")
+    compression_min_size: int = _setting(128, "outbound messages smaller than this are not compressed")
+    presence_window: float = _setting(0.05, "seconds over which presence joins and leaves coalesce into one diff")
+    history_max: int = _setting(100, "largest limit a history request may ask for")
+    node: str = _setting("0000", "this instance's tag inside message ids, so instances never collide")
+
+
+class UsageError(Exception):
+    """A caller of the core broke its contract (our mistake, never the peer's)."""
+
+
+class EventError(Exception):
+    """Raised by a handler to answer the client with an ``error`` event; the connection stays open."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Effect: a chat message to keep in the store."""
+
+    room: str
+    message: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Effect: the shell should read a room's history and answer with ``Server.history_reply``."""
+
+    conn_id: int
+    room: str
+    limit: int
+    before: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerFailed:
+    """Effect: a handler raised; the connection was closed with 1011. The shell logs it."""
+
+    conn_id: int
+    error: BaseException
+
+
+Effect = Stored | History | HandlerFailed
+
+# ---------------------------------------------------------------------------
+# Frames: server frames are unmasked, so one frame's bytes serve every recipient
+# ---------------------------------------------------------------------------
+
+_TEXT = Opcode.TEXT.value
+_BINARY = Opcode.BINARY.value
+_pack_short = struct.Struct("!BBH").pack
+_pack_long = struct.Struct("!BBQ").pack
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """One final, unmasked server frame, byte-identical to what wsproto would produce."""
+    first = 0x80 | opcode | (0x40 if rsv1 else 0)
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return _pack_short(first, 126, n) + payload
+    return _pack_long(first, 127, n) + payload
+
+
+def deflate(payload: bytes, window_bits: int) -> bytes:
+    """Compress one whole message with a fresh context (server_no_context_takeover)."""
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -window_bits)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return data[:-4] if data.endswith(_DEFLATE_TAIL) else data
+
+
+class OutboundMessage:
+    """One outgoing message, encoded once and compressed at most once per window size."""
+
+    __slots__ = ("_deflated", "_min_size", "opcode", "payload", "plain")
+
+    def __init__(self, opcode: int, payload: bytes, min_compress: int) -> None:
+        self.opcode = opcode
+        self.payload = payload
+        self.plain = encode_frame(opcode, payload)
+        self._deflated: dict[int, bytes] = {}
+        self._min_size = min_compress
+
+    def frame_for(self, window_bits: int | None) -> bytes:
+        """The frame for a recipient that negotiated deflate with these bits (None: not at all)."""
+        if window_bits is None or len(self.payload) < self._min_size:
+            return self.plain
+        frame = self._deflated.get(window_bits)
+        if frame is None:
+            frame = encode_frame(self.opcode, deflate(self.payload, window_bits), rsv1=True)
+            self._deflated[window_bits] = frame
+        return frame
+
+
+def text_message(payload: Mapping[str, Any], min_compress: int) -> OutboundMessage:
+    """A JSON event as an outgoing text message."""
+    return OutboundMessage(_TEXT, _encode_json(payload).encode(), min_compress)
+
+
+# ---------------------------------------------------------------------------
+# wsproto extensions: bounded inflate and a per-message size limit
+# ---------------------------------------------------------------------------
+
+
+class BoundedDeflate(PerMessageDeflate):
+    """permessage-deflate that never inflates more than the message limit plus one chunk.
+
+    wsproto inflates whatever arrives; a 1 MiB message can inflate to 1 GiB.
+    Here each inbound chunk is inflated with ``max_length`` set to what the
+    message may still grow by, and a message that would pass the limit fails
+    with 1009 before the excess is ever produced. Outbound messages are
+    compressed by the core itself (``deflate``), not through this class.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(server_no_context_takeover=True)
+        self.max_size = max_size
+        self.inflated = 0
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        assert self._decompressor is not None
+        room = self.max_size - self.inflated
+        try:
+            out = self._decompressor.decompress(data, room + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self.inflated += len(out)
+        if self.inflated > self.max_size or self._decompressor.unconsumed_tail:
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(data)
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
+        if not fin:
+            return None
+        if not self._inbound_is_compressible or not self._inbound_compressed:
+            self._inbound_compressed = None
+            return None
+        out = self._inflate(_DEFLATE_TAIL)
+        self.inflated = 0
+        if self.client_no_context_takeover:
+            self._decompressor = None
+        self._inbound_compressed = None
+        return out
+
+
+class SizeLimit(Extension):
+    """Counts each message's payload (after inflating) across fragments; 1009 beyond the limit.
+
+    wsproto enforces no message size; this rides in its extension chain after
+    permessage-deflate, claims no RSV bit and is always enabled.
+    """
+
+    name = "hubbub-size-limit"
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.size = 0
+        self.compressed = False
+
+    def enabled(self) -> bool:
+        return True
+
+    def offer(self) -> bool:
+        return False  # never negotiated: a server-side guard, not a wire extension
+
+    def frame_inbound_header(
+        self, proto: Any, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self.size = 0
+            self.compressed = rsv.rsv1
+        if (
+            not opcode.iscontrol()
+            and not self.compressed
+            and self.size + payload_length > self.max_size
+        ):
+            return CloseReason.MESSAGE_TOO_BIG
+        return RsvBits(False, False, False)
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        self.size += len(data)
+        if self.size > self.max_size:
+            return CloseReason.MESSAGE_TOO_BIG
+        return data
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
+        return None
+
+
+def negotiate_deflate(offers: Iterable[str], max_size: int) -> tuple[BoundedDeflate, str] | None:
+    """Accept the first permessage-deflate offer we can honour, as RFC 7692 asks.
+
+    We always add ``server_no_context_takeover``: every outgoing message is then
+    compressed on its own, so a broadcast is compressed once for all recipients.
+    """
+    for offer in offers:
+        if offer.split(";", 1)[0].strip().lower() != PerMessageDeflate.name:
+            continue
+        extension = BoundedDeflate(max_size)
+        try:
+            accepted = extension.accept(offer)
+        except ValueError:  # a malformed window size such as "client_max_window_bits=x"
+            continue
+        if accepted is not None:
+            return extension, f"{PerMessageDeflate.name}; {accepted}" if accepted else PerMessageDeflate.name
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Router: compile once, match once per handshake, dispatch by event name
+# ---------------------------------------------------------------------------
+
+Handler = Callable[["Connection", dict], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What a route does. ``events`` maps an event name to ``handler(conn, event)``.
+
+    An endpoint with ``on_raw`` receives every message as it came (str or bytes)
+    instead of JSON events; JSON endpoints close binary messages with 1003.
+    """
+
+    events: Mapping[str, Handler] = field(default_factory=dict)
+    on_open: Callable[[Connection], None] | None = None
+    on_close: Callable[[Connection], None] | None = None
+    on_raw: Callable[[Connection, str | bytes], None] | None = None
+    max_message_size: int | None = None
+    """Overrides ``Config.max_message_size`` for this route (None: the config's)."""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    endpoint: Endpoint
+    params: dict[str, str]
+    template: str
+
+
+_PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)}")
+
+
+class Router:
+    """Path templates such as ``/chat/{room}`` compiled to regexes when added."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[re.Pattern[str], str, Endpoint]] = []
+
+    def add(self, template: str, endpoint: Endpoint) -> None:
+        pattern, pos = "^", 0
+        for m in _PARAM.finditer(template):
+            pattern += re.escape(template[pos : m.start()]) + f"(?P<{m.group(1)}>[^/]+)"
+            pos = m.end()
+        pattern += re.escape(template[pos:]) + "$"
+        self._routes.append((re.compile(pattern), template, endpoint))
+
+    def match(self, path: str) -> Match | None:
+        for regex, template, endpoint in self._routes:
+            m = regex.match(path)
+            if m is not None:
+                params = {k: unquote(v) for k, v in m.groupdict().items()}
+                return Match(endpoint, params, template)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Connection
+# ---------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  # reading the HTTP request
+    OPEN = "open"
+    CLOSING = "closing"  # our close frame is out; waiting for the peer's
+    CLOSED = "closed"
+
+
+_HTTP_REASONS = {
+    101: "Switching Protocols",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def http_response(
+    status: int,
+    body: bytes = b"",
+    content_type: str = "text/plain; charset=utf-8",
+    headers: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    lines = [f"HTTP/1.1 {status} {_HTTP_REASONS.get(status, 'Error')}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    lines += [
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "",
+        "",
+    ]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+class Connection:
+    """One client, from its first byte to its close; also the context handlers work with.
+
+    Handlers read ``id``, ``user``, ``params``, ``query``, ``claims``, ``peer``
+    and act through ``send``, ``join``, ``broadcast``, ``close`` and friends.
+    """
+
+    __slots__ = (
+        "_binary",
+        "_handshake_deadline",
+        "_http",
+        "_parts",
+        "_ping_seq",
+        "_pong_due",
+        "_tokens",
+        "_tokens_at",
+        "_ws",
+        "claims",
+        "close_code",
+        "close_reason",
+        "deflate_bits",
+        "endpoint",
+        "id",
+        "outbound",
+        "outbound_size",
+        "params",
+        "peer",
+        "query",
+        "rooms",
+        "server",
+        "state",
+        "status",
+        "user",
+    )
+
+    def __init__(self, server: Server, conn_id: int, peer: Any, now: float) -> None:
+        self.id = conn_id
+        self.peer = peer
+        self.state = State.HANDSHAKE
+        self.server = server
+        self.user = "anonymous"
+        self.params: dict[str, str] = {}
+        self.query: dict[str, str] = {}
+        self.claims: Mapping[str, Any] = {}
+        self.endpoint: Endpoint | None = None
+        self.rooms: list[Room] = []
+        self.outbound: list[bytes] = []
+        self.outbound_size = 0
+        self.status: int | None = None  # the HTTP status we answered: 101, or why we refused
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.deflate_bits: int | None = None
+        self._http: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=server.config.max_header_bytes
+        )
+        self._ws: WSConnection | None = None
+        self._parts: list[str | bytes] = []
+        self._binary = False
+        self._tokens = server.config.rate_limit
+        self._tokens_at = now
+        self._ping_seq = 0
+        self._pong_due = False
+        self._handshake_deadline = now + server.config.handshake_timeout
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.state.value} user={self.user!r} peer={self.peer!r}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the shell should close the socket (after writing what is queued)."""
+        return self.state is State.CLOSED
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for this connection, in order; the queue is emptied."""
+        out = self.outbound
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.outbound_size = 0
+        return data
+
+    # -- what handlers call ------------------------------------------------
+
+    def send(self, payload: Mapping[str, Any]) -> None:
+        """Send one JSON event to this connection."""
+        if self.state is State.OPEN:
+            self._queue(text_message(payload, self.server.config.compression_min_size))
+
+    def send_message(self, message: str | bytes) -> None:
+        """Send a text (str) or binary (bytes) message as it is."""
+        if self.state is State.OPEN:
+            if isinstance(message, str):
+                self._queue(OutboundMessage(_TEXT, message.encode(), self.server.config.compression_min_size))
+            else:
+                self._queue(OutboundMessage(_BINARY, bytes(message), self.server.config.compression_min_size))
+
+    def error(self, code: str, detail: str) -> None:
+        self.send({"event": "error", "code": code, "detail": detail})
+
+    def join(self, room: str, presence: bool = False) -> Room:
+        """Join a room (created on first use); with ``presence`` the room tracks users."""
+        return self.server._join(self, room, presence)
+
+    def broadcast(self, room: str, payload: Mapping[str, Any], exclude: Connection | None = None) -> None:
+        self.server.broadcast(room, payload, exclude=exclude)
+
+    def emit(self, effect: Effect) -> None:
+        self.server._effects.append(effect)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (the peer's close frame or ``close_timeout`` ends it)."""
+        self.server._close(self, code, reason, wait=True)
+
+    # -- internals ---------------------------------------------------------
+
+    def _queue(self, message: OutboundMessage) -> None:
+        frame = message.frame_for(self.deflate_bits)
+        self.outbound.append(frame)
+        self.outbound_size += len(frame)
+        server = self.server
+        server._pending[self] = None
+        if self.outbound_size > server.config.max_buffer:
+            server._slow.append(self)
+
+    def _queue_raw(self, data: bytes) -> None:
+        """Control frames and HTTP: exempt from the buffer limit (they are tiny and bounded)."""
+        if data:
+            self.outbound.append(bytes(data))
+            self.outbound_size += len(data)
+            self.server._pending[self] = None
+
+
+# ---------------------------------------------------------------------------
+# Rooms
+# ---------------------------------------------------------------------------
+
+
+class Room:
+    """Members of one named room, and, for presence rooms, who is in it."""
+
+    __slots__ = ("_flush_at", "_log", "_marks", "members", "name", "presence", "users")
+
+    def __init__(self, name: str, presence: bool) -> None:
+        self.name = name
+        self.members: dict[Connection, None] = {}
+        self.presence = presence
+        self.users: dict[str, int] = {}  # user -> open connections in this room
+        self._log: list[tuple[str, bool]] = []  # (user, joined) in this presence window
+        self._marks: dict[Connection, int] = {}  # newcomers this window -> log position at join
+        self._flush_at: float | None = None
+
+    def user_list(self) -> list[str]:
+        return sorted(self.users)
+
+    def diff(self, start: int = 0) -> tuple[list[str], list[str]]:
+        """Net joins and leaves in this window's log from ``start`` on."""
+        net: dict[str, int] = {}
+        for user, joined in self._log[start:]:
+            net[user] = net.get(user, 0) + (1 if joined else -1)
+        joins = sorted(u for u, n in net.items() if n > 0)
+        leaves = sorted(u for u, n in net.items() if n < 0)
+        return joins, leaves
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+_PING, _PONG_DUE, _HANDSHAKE, _CLOSING, _PRESENCE = range(5)
+
+
+class Server:
+    """All connections and rooms of one hubbub instance; see the module docstring."""
+
+    def __init__(
+        self,
+        router: Router,
+        config: Config | None = None,
+        http_routes: Mapping[str, Callable[[Server], tuple[int, bytes, str]]] | None = None,
+    ) -> None:
+        self.router = router
+        self.config = config or Config()
+        self.connections: dict[int, Connection] = {}
+        self.rooms: dict[str, Room] = {}
+        self.open_count = 0
+        self._http_routes = {"/healthz": Server._healthz, **(http_routes or {})}
+        self._next_id = 1
+        self._pending: dict[Connection, None] = {}
+        self._slow: list[Connection] = []
+        self._effects: list[Effect] = []
+        self._timers: list[tuple[float, int, int, Any, int]] = []
+        self._timer_seq = 0
+        self._now = 0.0
+        self._id_ms = 0
+        self._id_seq = 0
+
+    # -- the API the shell drives -----------------------------------------
+
+    def connect(self, peer: Any, now: float) -> Connection:
+        """A new TCP connection: it must send its HTTP request within the handshake timeout."""
+        self._now = now
+        conn = Connection(self, self._next_id, peer, now)
+        self._next_id += 1
+        self.connections[conn.id] = conn
+        self._schedule(conn._handshake_deadline, _HANDSHAKE, conn)
+        return conn
+
+    def receive(self, conn: Connection, data: bytes, now: float) -> None:
+        """Feed bytes from the peer (``b""`` when it closed its side). Never raises for peer input."""
+        self._now = now
+        state = conn.state
+        if state is State.OPEN or state is State.CLOSING:
+            self._receive_frames(conn, data)
+        elif state is State.HANDSHAKE:
+            self._receive_request(conn, data)
+        self._settle()
+
+    def tick(self, now: float) -> float | None:
+        """Run every timer that is due; return when the next one is (None: no timers)."""
+        self._now = now
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, target, seq = heapq.heappop(timers)
+            self._fire(kind, target, seq, now)
+        self._settle()
+        return timers[0][0] if timers else None
+
+    def pending(self) -> list[Connection]:
+        """Connections that gained output or closed since the last call."""
+        if not self._pending:
+            return []
+        conns = list(self._pending)
+        self._pending.clear()
+        return conns
+
+    def effects(self) -> list[Effect]:
+        """Work for the shell's backends since the last call (store, history, logs)."""
+        effects, self._effects = self._effects, []
+        return effects
+
+    def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
+        """Queue a close for every client (1001 on shutdown) and drop unfinished handshakes."""
+        for conn in list(self.connections.values()):
+            if conn.state is State.OPEN:
+                self._close(conn, code, reason, wait=True)
+            elif conn.state is State.HANDSHAKE:
+                self._drop(conn)
+        self._settle()
+
+    def broadcast(self, room: str, payload: Mapping[str, Any], exclude: Connection | None = None) -> int:
+        """Send one JSON event to every member of ``room`` but ``exclude``; returns the recipients.
+
+        The event is serialised once; each recipient costs a buffer append.
+        """
+        target = self.rooms.get(room)
+        if target is None:
+            return 0
+        message = text_message(payload, self.config.compression_min_size)
+        plain = message.plain
+        limit = self.config.max_buffer
+        pending = self._pending
+        slow = self._slow
+        count = 0
+        for member in target.members:
+            if member is exclude:
+                continue
+            frame = plain if member.deflate_bits is None else message.frame_for(member.deflate_bits)
+            member.outbound.append(frame)
+            size = member.outbound_size + len(frame)
+            member.outbound_size = size
+            pending[member] = None
+            if size > limit:
+                slow.append(member)
+            count += 1
+        return count
+
+    def deliver(self, room: str, payload: Mapping[str, Any]) -> int:
+        """A message from the broker (another instance) for the local members of ``room``."""
+        count = self.broadcast(room, payload)
+        self._settle()
+        return count
+
+    def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]]) -> None:
+        """The store's answer to a ``History`` effect."""
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            conn.send({"event": "history", "room": room, "messages": messages})
+
+    def new_id(self) -> str:
+        """A unique, time-ordered message id: milliseconds, a sequence and the node tag."""
+        ms = int(self._now * 1000)
+        if ms > self._id_ms:
+            self._id_ms, self._id_seq = ms, 0
+        else:
+            self._id_seq += 1
+        return f"{self._id_ms:012x}{self._id_seq:06x}{self.config.node}"
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When ``tick`` next has work to do (None: no timer is set)."""
+        return self._timers[0][0] if self._timers else None
+
+    @property
+    def now(self) -> float:
+        """The time of the input being handled, as the shell passed it (Unix seconds)."""
+        return self._now
+
+    def stats(self) -> dict[str, Any]:
+        """Counts only, never content: what /healthz reports."""
+        by_route: dict[str, int] = {}
+        for conn in self.connections.values():
+            if conn.state is State.OPEN and conn.endpoint is not None:
+                by_route[conn.endpoint.name] = by_route.get(conn.endpoint.name, 0) + 1
+        presence_users = sum(len(r.users) for r in self.rooms.values() if r.presence)
+        return {
+            "status": "ok",
+            "connections": self.open_count,
+            "sockets": len(self.connections),
+            "rooms": len(self.rooms),
+            "presence_users": presence_users,
+            "routes": by_route,
+        }
+
+    # -- handshake ----------------------------------------------------------
+
+    def _receive_request(self, conn: Connection, data: bytes) -> None:
+        http = conn._http
+        assert http is not None
+        if not data:
+            self._drop(conn)
+            return
+        try:
+            http.receive_data(data)
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._answer(conn, exc.error_status_hint, f"bad request: {exc}\n")
+            return
+        if event is h11.NEED_DATA:
+            return
+        if not isinstance(event, h11.Request):
+            self._answer(conn, 400, "bad request\n")
+            return
+        self._handle_request(conn, event, http.trailing_data[0])
+
+    def _handle_request(self, conn: Connection, request: h11.Request, trailing: bytes) -> None:
+        cfg = self.config
+        headers: dict[bytes, bytes] = {}
+        for name, value in request.headers:
+            headers[name] = headers[name] + b", " + value if name in headers else value
+        if len(request.headers) > cfg.max_headers:
+            self._answer(conn, 431, "too many headers\n")
+            return
+        try:
+            target = request.target.decode("ascii")
+            split = urlsplit(target)
+        except (UnicodeDecodeError, ValueError):
+            self._answer(conn, 400, "bad request target\n")
+            return
+        path = split.path
+        method = request.method
+        upgrade = b"websocket" in headers.get(b"upgrade", b"").lower()
+        if not upgrade:
+            self._answer_http(conn, method, path)
+            return
+        match = self.router.match(path)
+        if match is None:
+            self._answer(conn, 404, "no such route\n")
+            return
+        if method != b"GET":
+            self._answer(conn, 405, "method not allowed\n", headers=[("Allow", "GET")])
+            return
+        connection_tokens = [t.strip() for t in headers.get(b"connection", b"").lower().split(b",")]
+        if b"upgrade" not in connection_tokens:
+            self._answer(conn, 400, "missing 'Connection: Upgrade'\n")
+            return
+        if headers.get(b"sec-websocket-version") != b"13":
+            self._answer(
+                conn, 426, "only WebSocket version 13 is supported\n", headers=[("Sec-WebSocket-Version", "13")]
+            )
+            return
+        key = headers.get(b"sec-websocket-key", b"")
+        try:
+            valid_key = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            valid_key = False
+        if not valid_key:
+            self._answer(conn, 400, "missing or invalid Sec-WebSocket-Key\n")
+            return
+        if not self._origin_allowed(headers.get(b"origin"), headers.get(b"host")):
+            self._answer(conn, 403, "origin not allowed\n")
+            return
+        if self.open_count >= cfg.max_connections:
+            self._answer(conn, 503, "server full, try again later\n", headers=[("Retry-After", "5")])
+            return
+        self._upgrade(conn, match, split.query, key, headers, trailing)
+
+    def _origin_allowed(self, origin: bytes | None, host: bytes | None) -> bool:
+        if origin is None:
+            return True  # not a browser: Origin only protects browsers' ambient credentials
+        allowed = self.config.allowed_origins
+        text = origin.decode("latin-1").strip().lower()
+        if allowed is None:
+            netloc = urlsplit(text).netloc
+            return host is not None and netloc == host.decode("latin-1").strip().lower()
+        return "*" in allowed or text in allowed
+
+    def _upgrade(
+        self,
+        conn: Connection,
+        match: Match,
+        query: str,
+        key: bytes,
+        headers: Mapping[bytes, bytes],
+        trailing: bytes,
+    ) -> None:
+        cfg = self.config
+        endpoint = match.endpoint
+        max_size = endpoint.max_message_size or cfg.max_message_size
+        conn.endpoint = endpoint
+        conn.params = match.params
+        conn.query = dict(parse_qsl(query))
+        conn.user = conn.query.get("user") or "anonymous"
+        response = [
+            "HTTP/1.1 101 Switching Protocols",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Accept: {generate_accept_token(key).decode()}",
+        ]
+        extensions: list[Extension] = []
+        offers = headers.get(b"sec-websocket-extensions")
+        if cfg.compression and offers:
+            negotiated = negotiate_deflate(offers.decode("latin-1").split(","), max_size)
+            if negotiated is not None:
+                deflate_ext, accept_header = negotiated
+                extensions.append(deflate_ext)
+                conn.deflate_bits = deflate_ext.server_max_window_bits
+                response.append(f"Sec-WebSocket-Extensions: {accept_header}")
+        extensions.append(SizeLimit(max_size))
+        conn._queue_raw(("\r\n".join(response) + "\r\n\r\n").encode("latin-1"))
+        conn._http = None
+        conn.status = 101
+        conn._ws = WSConnection(ConnectionType.SERVER, extensions)
+        conn.state = State.OPEN
+        self.open_count += 1
+        if cfg.ping_interval > 0:
+            self._schedule(self._now + cfg.ping_interval, _PING, conn)
+        if endpoint.on_open is not None:
+            self._call(conn, endpoint.on_open, conn)
+        if trailing and conn.state is State.OPEN:
+            self._receive_frames(conn, trailing)
+
+    def _answer_http(self, conn: Connection, method: bytes, path: str) -> None:
+        route = self._http_routes.get(path)
+        if route is None:
+            if self.router.match(path) is not None:
+                self._answer(conn, 426, "this is a WebSocket endpoint\n", headers=[("Upgrade", "websocket")])
+            else:
+                self._answer(conn, 404, "not found\n")
+            return
+        if method not in (b"GET", b"HEAD"):
+            self._answer(conn, 405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
+            return
+        status, body, content_type = route(self)
+        response = http_response(status, body, content_type, headers=[("Cache-Control", "no-store")])
+        if method == b"HEAD":
+            response = response[: len(response) - len(body)]
+        conn._queue_raw(response)
+        conn.status = status
+        self._set_closed(conn)
+
+    def _answer(
+        self, conn: Connection, status: int, text: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """Refuse with a real HTTP response, then close: never accept-then-close."""
+        conn._queue_raw(http_response(status, text.encode(), headers=headers))
+        conn.status = status
+        self._set_closed(conn)
+
+    def _healthz(self) -> tuple[int, bytes, str]:
+        return 200, (_encode_json(self.stats()) + "\n").encode(), "application/json"
+
+    # -- frames -------------------------------------------------------------
+
+    def _receive_frames(self, conn: Connection, data: bytes) -> None:
+        ws = conn._ws
+        assert ws is not None
+        if not data:
+            self._drop(conn, 1006)
+            return
+        ws.receive_data(data)
+        for event in ws.events():
+            if conn.state is State.CLOSED:
+                return
+            if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
+                if conn.state is State.OPEN:
+                    self._on_data(conn, event)
+            elif isinstance(event, Ping):
+                if ws.state is WSState.OPEN:
+                    conn._queue_raw(ws.send(Pong(event.payload)))
+            elif isinstance(event, Pong):
+                if event.payload == str(conn._ping_seq).encode():
+                    conn._pong_due = False
+            elif isinstance(event, CloseConnection):
+                self._on_close_frame(conn, event)
+
+    def _on_close_frame(self, conn: Connection, event: CloseConnection) -> None:
+        ws = conn._ws
+        assert ws is not None
+        if ws.state is WSState.REMOTE_CLOSING:  # the peer starts the closing handshake: answer it
+            conn._queue_raw(ws.send(CloseConnection(event.code)))
+            self._leave_all(conn, event.code, event.reason)
+            self._set_closed(conn)
+        elif ws.state is WSState.CLOSED:  # the peer answered our close
+            self._set_closed(conn)
+        else:  # wsproto found a protocol violation (1002, 1007, 1009): fail the connection
+            self._close(conn, event.code, event.reason, wait=False)
+
+    def _on_data(self, conn: Connection, event: TextMessage | BytesMessage) -> None:
+        endpoint = conn.endpoint
+        assert endpoint is not None
+        if isinstance(event, BytesMessage):
+            if endpoint.on_raw is None:
+                self._close(conn, 1003, "binary messages are not supported on this route", wait=True)
+                return
+            conn._binary = True
+        conn._parts.append(event.data)
+        if not event.message_finished:
+            return
+        parts = conn._parts
+        conn._parts = []
+        if conn._binary:
+            conn._binary = False
+            message: str | bytes = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
+        else:
+            message = parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
+        if not self._admit_rate(conn):
+            return
+        if endpoint.on_raw is not None:
+            self._call(conn, endpoint.on_raw, conn, message)
+        else:
+            self._dispatch(conn, endpoint, message)  # type: ignore[arg-type]
+
+    def _admit_rate(self, conn: Connection) -> bool:
+        """Token bucket: refill at rate_limit/s up to one second's worth; debt past that closes 1008."""
+        rate = self.config.rate_limit
+        if rate <= 0:
+            return True
+        now = self._now
+        tokens = min(rate, conn._tokens + (now - conn._tokens_at) * rate) - 1
+        conn._tokens, conn._tokens_at = tokens, now
+        if tokens >= 0:
+            return True
+        if tokens < -rate:
+            self._close(conn, 1008, "rate limit exceeded", wait=True)
+        else:
+            conn.error("rate_limited", f"more than {rate:g} messages per second; this one was dropped")
+        return False
+
+    def _dispatch(self, conn: Connection, endpoint: Endpoint, text: str) -> None:
+        try:
+            event = json.loads(text)
+        except RecursionError:
+            conn.error("bad_json", "JSON nested too deeply")
+            return
+        except ValueError as exc:
+            conn.error("bad_json", f"invalid JSON: {exc}")
+            return
+        if not isinstance(event, dict):
+            conn.error("not_object", "expected a JSON object")
+            return
+        name = event.get("event")
+        if not isinstance(name, str):
+            conn.error("missing_event", 'expected a string field "event"')
+            return
+        handler = endpoint.events.get(name)
+        if handler is None:
+            conn.error("unknown_event", f"unknown event {name[:64]!r}")
+            return
+        self._call(conn, handler, conn, event)
+
+    def _call(self, conn: Connection, fn: Callable[..., None], *args: Any) -> None:
+        """Run application code: EventError answers the client; anything else closes 1011."""
+        try:
+            fn(*args)
+        except EventError as exc:
+            conn.error(exc.code, exc.detail)
+        except Exception as exc:  # a handler's bug must not take the server down with it
+            self._effects.append(HandlerFailed(conn.id, exc))
+            self._close(conn, 1011, "internal error", wait=False)
+
+    # -- closing --------------------------------------------------------------
+
+    def _close(self, conn: Connection, code: int, reason: str, wait: bool) -> None:
+        """Send our close frame; wait for the peer's (``wait``) or fail the connection now."""
+        if conn.state is not State.OPEN:
+            return
+        ws = conn._ws
+        assert ws is not None
+        if ws.state is WSState.OPEN:
+            conn._queue_raw(ws.send(CloseConnection(code, reason)))
+        self._leave_all(conn, code, reason)
+        if wait:
+            conn.state = State.CLOSING
+            self._schedule(self._now + self.config.close_timeout, _CLOSING, conn)
+        else:
+            self._set_closed(conn)
+
+    def _drop(self, conn: Connection, code: int = 1006) -> None:
+        """The socket is gone or must go without ceremony."""
+        if conn.state is State.OPEN:
+            self._leave_all(conn, code, "")
+        if conn.state is not State.CLOSED:
+            conn.outbound.clear()
+            conn.outbound_size = 0
+            self._set_closed(conn)
+
+    def _leave_all(self, conn: Connection, code: int, reason: str) -> None:
+        """The connection stops being a member anywhere: it has left OPEN."""
+        conn.close_code, conn.close_reason = code, reason
+        self.open_count -= 1
+        for room in conn.rooms:
+            self._leave(conn, room)
+        conn.rooms = []
+        endpoint = conn.endpoint
+        if endpoint is not None and endpoint.on_close is not None:
+            conn.state = State.CLOSING  # handlers may not send to a leaving connection
+            self._call(conn, endpoint.on_close, conn)
+
+    def _set_closed(self, conn: Connection) -> None:
+        conn.state = State.CLOSED
+        conn._ws = None
+        conn._http = None
+        conn._parts = []
+        self._pending[conn] = None
+        self.connections.pop(conn.id, None)
+
+    def _settle(self) -> None:
+        """After each input: fail the slow consumers it produced."""
+        while self._slow:
+            slow, self._slow = self._slow, []
+            for conn in slow:
+                if conn.state is State.OPEN and conn.outbound_size > self.config.max_buffer:
+                    # It is not reading: drop what it has not taken and fail it with 1013.
+                    conn.outbound.clear()
+                    conn.outbound_size = 0
+                    self._close(conn, 1013, "slow consumer: outbound buffer full", wait=False)
+
+    # -- rooms and presence ---------------------------------------------------
+
+    def _join(self, conn: Connection, name: str, presence: bool) -> Room:
+        if conn.state is not State.OPEN:
+            raise UsageError(f"cannot join {name!r}: connection {conn.id} is {conn.state.value}")
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name, presence)
+        if conn in room.members:
+            return room
+        room.members[conn] = None
+        conn.rooms.append(room)
+        user = conn.user
+        count = room.users.get(user, 0)
+        room.users[user] = count + 1
+        if room.presence:
+            conn.send({"event": "presence_state", "users": room.user_list()})
+            if count == 0:
+                self._presence_event(room, user, True)
+            room._marks[conn] = len(room._log)
+        return room
+
+    def _leave(self, conn: Connection, room: Room) -> None:
+        room.members.pop(conn, None)
+        room._marks.pop(conn, None)
+        user = conn.user
+        count = room.users.get(user, 0) - 1
+        if count > 0:
+            room.users[user] = count
+        else:
+            room.users.pop(user, None)
+            if room.presence:
+                self._presence_event(room, user, False)
+        if not room.members and room._flush_at is None:
+            self.rooms.pop(room.name, None)
+
+    def _presence_event(self, room: Room, user: str, joined: bool) -> None:
+        room._log.append((user, joined))
+        if room._flush_at is None:
+            room._flush_at = self._now + self.config.presence_window
+            self._schedule(room._flush_at, _PRESENCE, room)
+
+    def _flush_presence(self, room: Room) -> None:
+        """Send the window's net joins and leaves; newcomers get only what followed their state."""
+        joins, leaves = room.diff()
+        shared = text_message(
+            {"event": "presence_diff", "joins": joins, "leaves": leaves}, self.config.compression_min_size
+        )
+        for member in room.members:
+            mark = room._marks.get(member)
+            if mark is None:
+                if joins or leaves:
+                    member._queue(shared)
+            else:
+                own_joins, own_leaves = room.diff(mark)
+                if own_joins or own_leaves:
+                    member.send({"event": "presence_diff", "joins": own_joins, "leaves": own_leaves})
+        room._log = []
+        room._marks = {}
+        room._flush_at = None
+        if not room.members:
+            self.rooms.pop(room.name, None)
+
+    def presence(self, room: str) -> list[str]:
+        """Users present in a room, sorted."""
+        target = self.rooms.get(room)
+        return target.user_list() if target is not None else []
+
+    # -- timers ---------------------------------------------------------------
+
+    def _schedule(self, when: float, kind: int, target: Any, seq: int = 0) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, kind, target, seq))
+
+    def _fire(self, kind: int, target: Any, seq: int, now: float) -> None:
+        if kind == _PRESENCE:
+            self._flush_presence(target)
+            return
+        conn: Connection = target
+        if kind == _HANDSHAKE:
+            if conn.state is State.HANDSHAKE:
+                self._drop(conn)
+        elif kind == _CLOSING:
+            if conn.state is State.CLOSING:
+                self._set_closed(conn)
+        elif kind == _PING:
+            if conn.state is State.OPEN and conn._ws is not None:
+                conn._ping_seq += 1
+                conn._pong_due = True
+                conn._queue_raw(conn._ws.send(Ping(str(conn._ping_seq).encode())))
+                cfg = self.config
+                self._schedule(now + cfg.ping_timeout, _PONG_DUE, conn, conn._ping_seq)
+                self._schedule(now + max(cfg.ping_interval, cfg.ping_timeout), _PING, conn)
+        elif kind == _PONG_DUE:
+            if conn.state is State.OPEN and conn._pong_due and conn._ping_seq == seq:
+                self._close(conn, 1011, "keepalive ping timeout", wait=False)

@@ -1,0 +1,17 @@
+"""hubbub's application routes, written against core's API only (no I/O here)."""
+
+from __future__ import annotations
+
+from core import Config, Router
+
+from . import chat, echo, presence
+
+
+def build_router(config: Config) -> Router:
+    """The routes of the wire protocol: /chat, /chat/{room}, /presence, /echo."""
+    router = Router()
+    router.add("/chat", chat.endpoint)
+    router.add("/chat/{room}", chat.endpoint)
+    router.add("/presence", presence.endpoint)
+    router.add("/echo", echo.build(config.max_echo_message_size))
+    return router

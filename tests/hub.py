@@ -1,0 +1,100 @@
+"""An in-memory hub for core tests: a ``core.Server`` and wsproto clients, no sockets.
+
+Each ``Peer`` owns both ends of one connection, the way h11's tests pair a
+client and a server in memory, so a test reads as a short conversation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    RejectConnection,
+    Request,
+)
+from wsproto.extensions import PerMessageDeflate
+
+import core
+from handlers import build_router
+
+
+class Peer:
+    """One wsproto client wired to one server connection."""
+
+    def __init__(self, hub: Hub, target: str, headers: list[tuple[bytes, bytes]] | None = None,
+                 deflate: bool = False) -> None:
+        self.hub = hub
+        self.client = WSConnection(ConnectionType.CLIENT)
+        self.conn = hub.server.connect(peer=("127.0.0.1", 40000 + len(hub.peers)), now=hub.now)
+        hub.peers[self.conn] = self
+        self.inbox: list[Any] = []
+        self.accepted = False
+        self.rejected: int | None = None
+        self.closed_with: int | None = None
+        extensions = [PerMessageDeflate()] if deflate else []
+        request = Request(host="localhost", target=target, extra_headers=headers or [], extensions=extensions)
+        self.feed(self.client.send(request))
+
+    def feed(self, data: bytes) -> None:
+        self.hub.server.receive(self.conn, data, self.hub.now)
+        self.hub.pump()
+
+    def take(self, data: bytes) -> None:
+        """Bytes from the server arrive at the client."""
+        self.client.receive_data(data)
+        for event in self.client.events():
+            if isinstance(event, AcceptConnection):
+                self.accepted = True
+            elif isinstance(event, RejectConnection):
+                self.rejected = event.status_code
+            elif isinstance(event, Message):
+                self.inbox.append(event.data)
+            elif isinstance(event, CloseConnection):
+                self.closed_with = event.code
+
+    def send_json(self, payload: Any) -> None:
+        self.send_text(json.dumps(payload))
+
+    def send_text(self, text: str) -> None:
+        self.feed(self.client.send(Message(data=text)))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.feed(self.client.send(Message(data=data)))
+
+    def json(self) -> list[dict[str, Any]]:
+        """The JSON events received since the last call."""
+        out = [json.loads(m) for m in self.inbox if isinstance(m, str)]
+        self.inbox.clear()
+        return out
+
+    def events(self) -> list[str]:
+        return [e["event"] for e in self.json()]
+
+
+class Hub:
+    """A ``core.Server`` with the real routes, a settable clock and in-memory peers."""
+
+    def __init__(self, **config: Any) -> None:
+        self.config = core.Config(**config)
+        self.server = core.Server(build_router(self.config), self.config)
+        self.now = 1_700_000_000.0
+        self.peers: dict[core.Connection, Peer] = {}
+
+    def join(self, target: str, **kwargs: Any) -> Peer:
+        return Peer(self, target, **kwargs)
+
+    def pump(self) -> None:
+        for conn in self.server.pending():
+            data = conn.data_to_send()
+            if data:
+                self.peers[conn].take(data)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.server.tick(self.now)
+        self.pump()
