@@ -345,17 +345,18 @@ async def serve(args: argparse.Namespace, *, task_status: Any = anyio.TASK_STATU
     shell = Shell(server, MemoryStore())
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
-    log.info("hubbub listening on ws://%s:%d (backend %s)", host, port, args.backend)
     async with anyio.create_task_group() as tg:
         await tg.start(shell.run, listener)
-        tg.start_soon(_on_signals, shell)
+        await tg.start(_on_signals, shell)
         task_status.started((shell, port))
+        log.info("serving on %s:%d with the %s backend", host, port, args.backend)
         print(f"hubbub listening on ws://{host}:{port}", flush=True)
     log.info("hubbub stopped")
 
 
-async def _on_signals(shell: Shell) -> None:
+async def _on_signals(shell: Shell, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("received %s: closing every connection with 1001", signal.Signals(signum).name)
             await shell.shutdown()
