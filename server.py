@@ -338,8 +338,10 @@ def config_from(args: argparse.Namespace) -> core.Config:
     )
 
 
-async def serve(args: argparse.Namespace, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-    """Listen, serve, and shut down cleanly on SIGINT or SIGTERM."""
+async def serve(
+    args: argparse.Namespace, *, handle_signals: bool = True, task_status: Any = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Listen and serve; with ``handle_signals``, SIGINT/SIGTERM shut down cleanly (main thread only)."""
     config = config_from(args)
     server = core.Server(build_router(config), config)
     shell = Shell(server, MemoryStore())
@@ -347,7 +349,8 @@ async def serve(args: argparse.Namespace, *, task_status: Any = anyio.TASK_STATU
     host, port = listener.getsockname()[:2]
     async with anyio.create_task_group() as tg:
         await tg.start(shell.run, listener)
-        await tg.start(_on_signals, shell)
+        if handle_signals:
+            await tg.start(_on_signals, shell)
         task_status.started((shell, port))
         log.info("serving on %s:%d with the %s backend", host, port, args.backend)
         print(f"hubbub listening on ws://{host}:{port}", flush=True)

@@ -14,6 +14,7 @@ from wsproto.events import (
     AcceptConnection,
     CloseConnection,
     Message,
+    Ping,
     RejectConnection,
     Request,
 )
@@ -36,6 +37,8 @@ class Peer:
         self.accepted = False
         self.rejected: int | None = None
         self.closed_with: int | None = None
+        self.pings = 0
+        self.answer_pings = True
         extensions = [PerMessageDeflate()] if deflate else []
         request = Request(host="localhost", target=target, extra_headers=headers or [], extensions=extensions)
         self.feed(self.client.send(request))
@@ -56,6 +59,10 @@ class Peer:
                 self.inbox.append(event.data)
             elif isinstance(event, CloseConnection):
                 self.closed_with = event.code
+            elif isinstance(event, Ping):
+                self.pings += 1
+                if self.answer_pings:
+                    self.feed(self.client.send(event.response()))
 
     def send_json(self, payload: Any) -> None:
         self.send_text(json.dumps(payload))
@@ -65,6 +72,10 @@ class Peer:
 
     def send_bytes(self, data: bytes) -> None:
         self.feed(self.client.send(Message(data=data)))
+
+    def close(self, code: int = 1000) -> None:
+        """Start the closing handshake from the client side."""
+        self.feed(self.client.send(CloseConnection(code)))
 
     def json(self) -> list[dict[str, Any]]:
         """The JSON events received since the last call."""
@@ -98,3 +109,25 @@ class Hub:
         self.now += seconds
         self.server.tick(self.now)
         self.pump()
+
+
+def raw_exchange(hub: Hub, data: bytes) -> tuple[core.Connection, bytes]:
+    """Send raw bytes on a fresh connection; return it and everything the server answered."""
+    conn = hub.server.connect(peer=("127.0.0.1", 9), now=hub.now)
+    hub.server.receive(conn, data, hub.now)
+    return conn, conn.data_to_send()
+
+
+def upgrade_request(target: str = "/chat", **headers: str) -> bytes:
+    """A valid WebSocket upgrade request; keyword headers are added or replace the defaults."""
+    fields = {
+        "Host": "localhost:8765",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    for name, value in headers.items():
+        fields[name.replace("_", "-")] = value
+    lines = [f"GET {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in fields.items() if v is not None]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
