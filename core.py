@@ -549,11 +549,14 @@ class Connection:
             server._slow.append(self)
 
     def _queue_raw(self, data: bytes) -> None:
-        """Control frames and HTTP: exempt from the buffer limit (they are tiny and bounded)."""
+        """Control frames and HTTP answers; pongs to a ping flood count against the buffer too."""
         if data:
             self.outbound.append(bytes(data))
             self.outbound_size += len(data)
-            self.server._pending[self] = None
+            server = self.server
+            server._pending[self] = None
+            if self.outbound_size > server.config.max_buffer:
+                server._slow.append(self)
 
 
 # ---------------------------------------------------------------------------
@@ -628,7 +631,7 @@ class Server:
         conn = Connection(self, self._next_id, peer, now)
         self._next_id += 1
         self.connections[conn.id] = conn
-        self._schedule(conn._handshake_deadline, _HANDSHAKE, conn)
+        self._schedule(conn._handshake_deadline, _HANDSHAKE, conn.id)
         return conn
 
     def receive(self, conn: Connection, data: bytes, now: float) -> None:
@@ -776,6 +779,11 @@ class Server:
         if len(request.headers) > cfg.max_headers:
             self._answer(conn, 431, "too many headers\n")
             return
+        # h11 bounds only a head still arriving; one that arrived whole in a single read is measured here
+        head_size = len(request.target) + sum(len(name) + len(value) + 4 for name, value in request.headers)
+        if head_size > cfg.max_header_bytes:
+            self._answer(conn, 431, "request line and headers too large\n")
+            return
         try:
             target = request.target.decode("ascii")
             split = urlsplit(target)
@@ -869,7 +877,7 @@ class Server:
         conn.state = State.OPEN
         self.open_count += 1
         if cfg.ping_interval > 0:
-            self._schedule(self._now + cfg.ping_interval, _PING, conn)
+            self._schedule(self._now + cfg.ping_interval, _PING, conn.id)
         if endpoint.on_open is not None:
             self._call(conn, endpoint.on_open, conn)
         if trailing and conn.state is State.OPEN:
@@ -1027,7 +1035,7 @@ class Server:
         self._leave_all(conn, code, reason)
         if wait:
             conn.state = State.CLOSING
-            self._schedule(self._now + self.config.close_timeout, _CLOSING, conn)
+            self._schedule(self._now + self.config.close_timeout, _CLOSING, conn.id)
         else:
             self._set_closed(conn)
 
@@ -1142,6 +1150,7 @@ class Server:
     # -- timers ---------------------------------------------------------------
 
     def _schedule(self, when: float, kind: int, target: Any, seq: int = 0) -> None:
+        """Timers name connections by id, so a closed connection is freed before its timers expire."""
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, kind, target, seq))
 
@@ -1149,7 +1158,9 @@ class Server:
         if kind == _PRESENCE:
             self._flush_presence(target)
             return
-        conn: Connection = target
+        conn = self.connections.get(target)
+        if conn is None:
+            return  # closed since: nothing to do
         if kind == _HANDSHAKE:
             if conn.state is State.HANDSHAKE:
                 self._drop(conn)
@@ -1162,8 +1173,8 @@ class Server:
                 conn._pong_due = True
                 conn._queue_raw(conn._ws.send(Ping(str(conn._ping_seq).encode())))
                 cfg = self.config
-                self._schedule(now + cfg.ping_timeout, _PONG_DUE, conn, conn._ping_seq)
-                self._schedule(now + max(cfg.ping_interval, cfg.ping_timeout), _PING, conn)
+                self._schedule(now + cfg.ping_timeout, _PONG_DUE, conn.id, conn._ping_seq)
+                self._schedule(now + max(cfg.ping_interval, cfg.ping_timeout), _PING, conn.id)
         elif kind == _PONG_DUE:
             if conn.state is State.OPEN and conn._pong_due and conn._ping_seq == seq:
                 self._close(conn, 1011, "keepalive ping timeout", wait=False)

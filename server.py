@@ -42,13 +42,13 @@ LINGER = 2.0  # seconds we keep reading after our FIN, so the peer sees our clos
 class Socket:
     """The shell's side of one connection: its socket and what the kernel would not take yet."""
 
-    __slots__ = ("draining", "scope", "sock", "unsent")
+    __slots__ = ("drain", "scope", "sock", "unsent")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.unsent = b""
-        self.draining = False
-        self.scope = anyio.CancelScope()
+        self.scope = anyio.CancelScope()  # the connection's task; cancelled when the core closes it
+        self.drain: anyio.CancelScope | None = None  # the drain task, while the kernel buffer is full
 
 
 class Shell:
@@ -138,6 +138,10 @@ class Shell:
     async def _close_socket(self, conn: core.Connection, io: Socket) -> None:
         """Write what is left, send FIN, and read until the peer closes too (or LINGER passes)."""
         sock = io.sock
+        if io.drain is not None:  # one writer per socket: stop the drain task and take over
+            io.drain.cancel()
+            while io.drain is not None:
+                await anyio.sleep(0)
         data = io.unsent + conn.data_to_send()
         io.unsent = b""
         with anyio.move_on_after(LINGER):
@@ -212,7 +216,7 @@ class Shell:
             if conn.closed:
                 io.scope.cancel()  # its task writes the rest and closes
                 continue
-            if io.draining:
+            if io.drain is not None:
                 continue  # the kernel is full; the drain task pulls from the core when it can
             data = conn.data_to_send()
             if not data:
@@ -225,27 +229,29 @@ class Shell:
                 continue  # the reader sees the error and closes the connection
             if sent < len(data):
                 io.unsent = data[sent:]
-                io.draining = True
+                io.drain = anyio.CancelScope()
                 assert self._tg is not None
                 self._tg.start_soon(self._drain, conn, io)
 
     async def _drain(self, conn: core.Connection, io: Socket) -> None:
         """A slow reader: wait for room in its socket, then keep pulling from the core."""
         sock = io.sock
+        assert io.drain is not None
         try:
-            while io.unsent and not conn.closed:
-                await anyio.wait_writable(sock)
-                try:
-                    sent = sock.send(io.unsent)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                io.unsent = io.unsent[sent:]
-                if not io.unsent:
-                    io.unsent = conn.data_to_send()
+            with io.drain:
+                while io.unsent and not conn.closed:
+                    await anyio.wait_writable(sock)
+                    try:
+                        sent = sock.send(io.unsent)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    io.unsent = io.unsent[sent:]
+                    if not io.unsent:
+                        io.unsent = conn.data_to_send()
         except (OSError, anyio.ClosedResourceError):
             pass  # the connection's own task sees the socket fail and closes it
         finally:
-            io.draining = False
+            io.drain = None
 
     def _run_effects(self, effects: list[core.Effect]) -> None:
         for effect in effects:

@@ -179,3 +179,18 @@ def test_server_initiated_close_waits_for_the_peer_then_gives_up() -> None:
     assert alice.conn.state is State.CLOSING and alice.conn.close_code == 1008
     hub.advance(5.1)
     assert alice.conn.closed
+
+
+def test_ping_flood_without_reading_is_bounded_by_the_buffer() -> None:
+    from wsproto.events import Ping
+
+    hub = Hub(max_buffer=10_000)
+    flooder = hub.join("/chat?user=flooder")
+    hub.peers.pop(flooder.conn)
+    hub.pump = lambda: None  # type: ignore[method-assign]  # nobody reads the pongs
+    for _ in range(2000):
+        if flooder.conn.closed:
+            break
+        flooder.feed(flooder.client.send(Ping(b"x" * 100)))
+    assert flooder.conn.closed and flooder.conn.close_code == 1013
+    assert flooder.conn.outbound_size < 10_000
