@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 
 import core
 from backends.store import MemoryStore
-from handlers import build_router
+from handlers import build_router, page
 
 log = logging.getLogger("hubbub")
 
@@ -341,7 +341,7 @@ def config_from(args: argparse.Namespace) -> core.Config:
 async def serve(args: argparse.Namespace, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
     """Listen, serve, and shut down cleanly on SIGINT or SIGTERM."""
     config = config_from(args)
-    server = core.Server(build_router(config), config)
+    server = core.Server(build_router(config), config, http_routes={"/": page.index})
     shell = Shell(server, MemoryStore())
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
