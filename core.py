@@ -51,6 +51,8 @@ __all__ = [
     "EventError",
     "HandlerFailed",
     "History",
+    "HttpReply",
+    "HttpRoute",
     "Match",
     "Room",
     "Router",
@@ -404,6 +406,13 @@ _HTTP_REASONS = {
 }
 
 
+HttpReply = tuple[int, bytes, str] | tuple[int, bytes, str, Iterable[tuple[str, str]]]
+"""What a plain-HTTP route returns: status, body, content type and, optionally, headers of its own."""
+
+HttpRoute = Callable[["Server", Mapping[bytes, bytes]], HttpReply]
+"""A plain-HTTP route, called as ``route(server, request_headers)`` (names lower-case bytes)."""
+
+
 def http_response(
     status: int,
     body: bytes = b"",
@@ -605,7 +614,7 @@ class Server:
         self,
         router: Router,
         config: Config | None = None,
-        http_routes: Mapping[str, Callable[[Server], tuple[int, bytes, str]]] | None = None,
+        http_routes: Mapping[str, HttpRoute] | None = None,
     ) -> None:
         self.router = router
         self.config = config or Config()
@@ -794,7 +803,7 @@ class Server:
         method = request.method
         upgrade = b"websocket" in headers.get(b"upgrade", b"").lower()
         if not upgrade:
-            self._answer_http(conn, method, path)
+            self._answer_http(conn, method, path, headers)
             return
         match = self.router.match(path)
         if match is None:
@@ -883,7 +892,7 @@ class Server:
         if trailing and conn.state is State.OPEN:
             self._receive_frames(conn, trailing)
 
-    def _answer_http(self, conn: Connection, method: bytes, path: str) -> None:
+    def _answer_http(self, conn: Connection, method: bytes, path: str, headers: Mapping[bytes, bytes]) -> None:
         route = self._http_routes.get(path)
         if route is None:
             if self.router.match(path) is not None:
@@ -894,8 +903,11 @@ class Server:
         if method not in (b"GET", b"HEAD"):
             self._answer(conn, 405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
             return
-        status, body, content_type = route(self)
-        response = http_response(status, body, content_type, headers=[("Cache-Control", "no-store")])
+        status, body, content_type, *own = route(self, headers)
+        extra = list(own[0]) if own else []
+        if not any(name.lower() == "cache-control" for name, _ in extra):
+            extra.append(("Cache-Control", "no-store"))
+        response = http_response(status, body, content_type, headers=extra)
         if method == b"HEAD":
             response = response[: len(response) - len(body)]
         conn._queue_raw(response)
@@ -910,7 +922,7 @@ class Server:
         conn.status = status
         self._set_closed(conn)
 
-    def _healthz(self) -> tuple[int, bytes, str]:
+    def _healthz(self, headers: Mapping[bytes, bytes]) -> HttpReply:
         return 200, (_encode_json(self.stats()) + "\n").encode(), "application/json"
 
     # -- frames -------------------------------------------------------------

@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 
 import core
 from backends.store import MemoryStore
-from handlers import build_router
+from handlers import build_router, page
 
 log = logging.getLogger("hubbub")
 
@@ -349,7 +349,7 @@ async def serve(
 ) -> None:
     """Listen and serve; with ``handle_signals``, SIGINT/SIGTERM shut down cleanly (main thread only)."""
     config = config_from(args)
-    server = core.Server(build_router(config), config)
+    server = core.Server(build_router(config), config, http_routes={"/": page.index})
     shell = Shell(server, MemoryStore())
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]

@@ -1,0 +1,76 @@
+"""The demo page: ``GET /`` answers one self-contained HTML file (inline CSS and JS, no CDN).
+
+The file ships inside the package (``handlers/static/index.html``) and is read
+once, at import; nothing else is ever served from disk, so there is no path to
+traverse. Its Content-Security-Policy allows exactly the inline ``<style>`` and
+``<script>`` the file carries, by SHA-256 hash computed here from the file itself
+(so an edit to the page can never leave a stale hash behind), and WebSocket
+connections back to the host the browser asked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Mapping
+from importlib.resources import files
+
+from core import HttpReply, Server
+
+PAGE = files(__package__).joinpath("static", "index.html").read_bytes()
+
+_HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+"""A Host header we are willing to echo into the policy; anything else could inject directives."""
+
+
+def _inline_hashes(tag: str, html: str) -> str:
+    """CSP hash sources for every inline ``<tag>`` element, or 'none' when there is none."""
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)
+    sources = [f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies]
+    return " ".join(sources) or "'none'"
+
+
+_html = PAGE.decode("utf-8")
+SCRIPT_SRC = _inline_hashes("script", _html)
+STYLE_SRC = _inline_hashes("style", _html)
+
+
+def policy(host: bytes | None) -> str:
+    """The page's Content-Security-Policy for a request that named ``host``.
+
+    'self' covers same-origin ws:/wss: only in CSP3 browsers (Chrome 71+,
+    Safari 16+), so the page's own WebSocket origin is also named explicitly.
+    """
+    connect = ["'self'"]
+    if host is not None and _HOST.fullmatch(host):
+        name = host.decode("ascii")
+        connect += [f"ws://{name}", f"wss://{name}"]
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {SCRIPT_SRC}",
+            f"style-src {STYLE_SRC}",
+            "img-src data:",
+            f"connect-src {' '.join(connect)}",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+            "require-trusted-types-for 'script'",
+        ]
+    )
+
+
+def index(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
+    """``GET /``: the demo page."""
+    return (
+        200,
+        PAGE,
+        "text/html; charset=utf-8",
+        [
+            ("Content-Security-Policy", policy(headers.get(b"host"))),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+        ],
+    )
