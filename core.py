@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import fnmatch
 import heapq
 import json
 import re
@@ -45,6 +46,7 @@ from wsproto.frame_protocol import CloseReason, Opcode, RsvBits
 from wsproto.utilities import generate_accept_token
 
 __all__ = [
+    "Ack",
     "Config",
     "Connection",
     "Endpoint",
@@ -54,11 +56,15 @@ __all__ = [
     "HttpReply",
     "HttpRoute",
     "Match",
+    "Metrics",
+    "PresenceChanged",
+    "Publish",
     "Room",
     "Router",
     "Server",
     "State",
     "Stored",
+    "Unauthorized",
     "UsageError",
     "encode_frame",
 ]
@@ -108,6 +114,14 @@ class Config:
     presence_window: float = _setting(0.05, "seconds over which presence joins and leaves coalesce into one diff")
     history_max: int = _setting(100, "largest limit a history request may ask for")
     node: str = _setting("0000", "this instance's tag inside message ids, so instances never collide")
+    presence_heartbeat: float = _setting(
+        2.0, "seconds between this instance's presence heartbeats through the broker (several instances)"
+    )
+    presence_ttl: float = _setting(
+        6.0,
+        "seconds without a heartbeat after which another instance's users leave presence "
+        "(an instance killed without goodbye drops out within this plus --presence-window)",
+    )
 
 
 class UsageError(Exception):
@@ -123,12 +137,41 @@ class EventError(Exception):
         self.detail = detail
 
 
+class Unauthorized(Exception):
+    """Raised by a token verifier (``Server(verifier=...)``): the handshake is refused with 401."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Who to tell once a message is stored: ``Server.ack`` or ``Server.unavailable`` takes these.
+
+    ``ref`` is the client's (None: it asked for no ack, but still hears when its message was lost)."""
+
+    conn_id: int
+    ref: Any
+    id: str
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """Effect: a chat message to keep in the store."""
+    """Effect: a chat message to keep in the store; once it is, the shell calls ``Server.ack([ack])``."""
 
     room: str
     message: Mapping[str, Any]
+    ack: Ack | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Effect: a message for the members of ``room`` on the other instances (through the broker)."""
+
+    room: str
+    message: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanged:
+    """Effect: this instance's presence changed; the shell tells the broker ``Server.local_presence()``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +192,22 @@ class HandlerFailed:
     error: BaseException
 
 
-Effect = Stored | History | HandlerFailed
+Effect = Stored | History | HandlerFailed | Publish | PresenceChanged
+
+
+class Metrics:
+    """Counters the core keeps for ``/metrics``: it only counts, the shell formats."""
+
+    __slots__ = ("bytes_in", "bytes_out", "deliveries", "duplicates", "messages_in", "rejections", "slow_consumers")
+
+    def __init__(self) -> None:
+        self.messages_in: dict[str, int] = {}  # route name -> messages received
+        self.deliveries = 0  # messages queued to recipients by broadcasts
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.slow_consumers = 0  # connections closed with 1013
+        self.rejections: dict[int, int] = {}  # HTTP status -> handshakes refused with it
+        self.duplicates = 0  # broker messages dropped as already delivered
 
 # ---------------------------------------------------------------------------
 # Frames: server frames are unmasked, so one frame's bytes serve every recipient
@@ -345,6 +403,8 @@ class Endpoint:
     max_message_size: int | None = None
     """Overrides ``Config.max_message_size`` for this route (None: the config's)."""
     name: str = ""
+    rooms: Callable[[Mapping[str, str]], Iterable[str]] | None = None
+    """The rooms a connection joins, from its route params: checked against a token's ``rooms`` claim."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +572,7 @@ class Connection:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         self.outbound_size = 0
+        self.server.metrics.bytes_out += len(data)
         return data
 
     # -- what handlers call ------------------------------------------------
@@ -604,7 +665,20 @@ class Room:
 # Server
 # ---------------------------------------------------------------------------
 
-_PING, _PONG_DUE, _HANDSHAKE, _CLOSING, _PRESENCE = range(5)
+_PING, _PONG_DUE, _HANDSHAKE, _CLOSING, _PRESENCE, _TOKEN_EXPIRY, _NODE_EXPIRY = range(7)
+
+Verifier = Callable[[str], Mapping[str, Any]]
+"""Checks a bearer token and returns its claims, or raises ``Unauthorized``."""
+
+
+class RemoteNode:
+    """Another instance as its presence heartbeats describe it: its users per room, until ``deadline``."""
+
+    __slots__ = ("deadline", "rooms")
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, frozenset[str]] = {}
+        self.deadline = 0.0
 
 
 class Server:
@@ -615,7 +689,10 @@ class Server:
         router: Router,
         config: Config | None = None,
         http_routes: Mapping[str, HttpRoute] | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
+        """``verifier`` turns on token authentication: every WebSocket handshake must carry a token
+        (``?token=`` or ``Authorization: Bearer``) it accepts, and its ``sub`` claim is the user."""
         self.router = router
         self.config = config or Config()
         self.connections: dict[int, Connection] = {}
@@ -631,6 +708,13 @@ class Server:
         self._now = 0.0
         self._id_ms = 0
         self._id_seq = 0
+        self.metrics = Metrics()
+        self._verifier = verifier
+        self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
+        self._remote: dict[str, RemoteNode] = {}  # other instances' presence, by node tag
+        self._remote_users: dict[str, dict[str, int]] = {}  # room -> user -> instances listing them
+        self._last_id: dict[str, str] = {}  # node -> newest message id delivered from it
+        self._presence_dirty = False
 
     # -- the API the shell drives -----------------------------------------
 
@@ -646,6 +730,7 @@ class Server:
     def receive(self, conn: Connection, data: bytes, now: float) -> None:
         """Feed bytes from the peer (``b""`` when it closed its side). Never raises for peer input."""
         self._now = now
+        self.metrics.bytes_in += len(data)
         state = conn.state
         if state is State.OPEN or state is State.CLOSING:
             self._receive_frames(conn, data)
@@ -674,6 +759,7 @@ class Server:
     def effects(self) -> list[Effect]:
         """Work for the shell's backends since the last call (store, history, logs)."""
         effects, self._effects = self._effects, []
+        self._presence_dirty = False
         return effects
 
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
@@ -710,19 +796,136 @@ class Server:
             if size > limit:
                 slow.append(member)
             count += 1
+        self.metrics.deliveries += count
         return count
 
-    def deliver(self, room: str, payload: Mapping[str, Any]) -> int:
-        """A message from the broker (another instance) for the local members of ``room``."""
+    def deliver(self, room: str, payload: Mapping[str, Any], node: str | None = None) -> int | None:
+        """A message from the broker (another instance) for the local members of ``room``.
+
+        Returns how many members it went to, or None when it was dropped as already delivered.
+
+        With the publishing instance's ``node`` tag, each message is delivered once and in
+        order: our own messages coming back are ignored (we delivered them when they were
+        sent), and so is any id not newer than the last one delivered from that node (a
+        publisher that replays after a broker outage may resend what already arrived).
+        """
+        if node is not None:
+            if node == self.config.node:
+                return None
+            message_id = payload.get("id")
+            if isinstance(message_id, str):
+                last = self._last_id.get(node)
+                if last is not None and message_id <= last:
+                    self.metrics.duplicates += 1
+                    return None
+                self._last_id[node] = message_id
         count = self.broadcast(room, payload)
         self._settle()
         return count
+
+    def ack(self, acks: Iterable[Ack]) -> None:
+        """The store committed these messages: tell each sender that is still connected."""
+        connections = self.connections
+        for ack in acks:
+            conn = connections.get(ack.conn_id)
+            if conn is not None and ack.ref is not None:
+                conn.send({"event": "ack", "ref": ack.ref, "id": ack.id})
+        self._settle()
+
+    def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
+        """The store could not keep these messages: each sender gets an ``unavailable`` error."""
+        connections = self.connections
+        for ack in acks:
+            conn = connections.get(ack.conn_id)
+            if conn is not None:
+                error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
+                if ack.ref is not None:
+                    error["ref"] = ack.ref
+                conn.send(error)
+        self._settle()
 
     def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]]) -> None:
         """The store's answer to a ``History`` effect."""
         conn = self.connections.get(conn_id)
         if conn is not None:
             conn.send({"event": "history", "room": room, "messages": messages})
+            self._settle()
+
+    def history_failed(self, conn_id: int, detail: str) -> None:
+        """The store could not answer a ``History`` effect."""
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            conn.error("unavailable", detail)
+
+    def set_available(self, backend: str, up: bool) -> None:
+        """The shell's latest word on a backend ("store", "broker"); /healthz answers 503 while one is down."""
+        self._backends[backend] = up
+
+    def available(self, backend: str) -> bool:
+        """False only after the shell said ``backend`` is down (handlers refuse to write then)."""
+        return self._backends.get(backend, True)
+
+    # -- presence across instances ------------------------------------------
+
+    def local_presence(self) -> dict[str, list[str]]:
+        """This instance's own users per presence room: what its heartbeats tell the others."""
+        return {name: room.user_list() for name, room in self.rooms.items() if room.presence and room.users}
+
+    def remote_presence(self, node: str, rooms: Mapping[str, Iterable[str]] | None, now: float) -> None:
+        """Another instance's heartbeat: its users per presence room (None: it said goodbye).
+
+        Its users count as present until ``presence_ttl`` passes without another heartbeat.
+        """
+        if node == self.config.node:
+            return
+        self._now = now
+        remote = self._remote.get(node)
+        if rooms is None:
+            if remote is not None:
+                self._expire_node(node)
+            return
+        if remote is None:
+            remote = self._remote[node] = RemoteNode()
+        new = {room: frozenset(users) for room, users in rooms.items()}
+        old = remote.rooms
+        remote.rooms = new
+        for room in old.keys() | new.keys():
+            before, after = old.get(room, frozenset()), new.get(room, frozenset())
+            if before != after:
+                self._remote_change(room, after - before, before - after)
+        remote.deadline = now + self.config.presence_ttl
+        self._schedule(remote.deadline, _NODE_EXPIRY, node)
+        self._settle()
+
+    def _expire_node(self, node: str) -> None:
+        remote = self._remote.pop(node)
+        self._last_id.pop(node, None)
+        for room, users in remote.rooms.items():
+            self._remote_change(room, frozenset(), users)
+
+    def _remote_change(self, name: str, joined: Iterable[str], left: Iterable[str]) -> None:
+        counts = self._remote_users.setdefault(name, {})
+        room = self.rooms.get(name)
+        for user in joined:
+            n = counts.get(user, 0)
+            counts[user] = n + 1
+            if n == 0 and room is not None and room.presence and user not in room.users:
+                self._presence_event(room, user, True)
+        for user in left:
+            n = counts.get(user, 0) - 1
+            if n > 0:
+                counts[user] = n
+                continue
+            counts.pop(user, None)
+            if room is not None and room.presence and user not in room.users:
+                self._presence_event(room, user, False)
+        if not counts:
+            del self._remote_users[name]
+
+    def _presence_changed(self) -> None:
+        if not self._presence_dirty:
+            self._presence_dirty = True
+            self._effects.append(PresenceChanged())
 
     def new_id(self) -> str:
         """A unique, time-ordered message id: milliseconds, a sequence and the node tag."""
@@ -750,8 +953,11 @@ class Server:
             if conn.state is State.OPEN and conn.endpoint is not None:
                 by_route[conn.endpoint.name] = by_route.get(conn.endpoint.name, 0) + 1
         presence_users = sum(len(r.users) for r in self.rooms.values() if r.presence)
+        down = sorted(name for name, up in self._backends.items() if not up)
         return {
-            "status": "ok",
+            "status": "unavailable" if down else "ok",
+            "backends": {name: "up" if up else "down" for name, up in sorted(self._backends.items())},
+            "instances": len(self._remote) + 1,
             "connections": self.open_count,
             "sockets": len(self.connections),
             "rooms": len(self.rooms),
@@ -832,10 +1038,51 @@ class Server:
         if not self._origin_allowed(headers.get(b"origin"), headers.get(b"host")):
             self._answer(conn, 403, "origin not allowed\n")
             return
+        if self._verifier is not None and not self._authenticate(conn, match, split.query, headers):
+            return
         if self.open_count >= cfg.max_connections:
             self._answer(conn, 503, "server full, try again later\n", headers=[("Retry-After", "5")])
             return
         self._upgrade(conn, match, split.query, key, headers, trailing)
+
+    def _authenticate(self, conn: Connection, match: Match, query: str, headers: Mapping[bytes, bytes]) -> bool:
+        """Token authentication before the upgrade: 401 without a valid token, 403 for a room
+        outside its ``rooms`` claim. The token's ``exp`` becomes a timer that closes with 1008."""
+        assert self._verifier is not None
+        token = dict(parse_qsl(query)).get("token")
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            token = credentials.strip()
+        bearer = [("WWW-Authenticate", 'Bearer realm="hubbub"')]
+        if not token:
+            self._answer(conn, 401, "a token is required (?token= or Authorization: Bearer)\n", headers=bearer)
+            return False
+        try:
+            claims = self._verifier(token)
+        except Unauthorized as exc:
+            self._answer(conn, 401, f"invalid token: {exc}\n", headers=bearer)
+            return False
+        user = claims.get("sub")
+        if not isinstance(user, str) or not user:
+            self._answer(conn, 401, "invalid token: no 'sub' claim\n", headers=bearer)
+            return False
+        allowed = claims.get("rooms")
+        if allowed is not None and match.endpoint.rooms is not None:
+            patterns = [allowed] if isinstance(allowed, str) else allowed
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                self._answer(conn, 401, "invalid token: 'rooms' must be a list of patterns\n", headers=bearer)
+                return False
+            for room in match.endpoint.rooms(match.params):
+                if not any(fnmatch.fnmatchcase(room, p) for p in patterns):
+                    self._answer(conn, 403, f"this token may not join room {room[:64]!r}\n")
+                    return False
+        conn.user = user
+        conn.claims = claims
+        expires = claims.get("exp")
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+            self._schedule(float(expires), _TOKEN_EXPIRY, conn.id)
+        return True
 
     def _origin_allowed(self, origin: bytes | None, host: bytes | None) -> bool:
         if origin is None:
@@ -862,7 +1109,8 @@ class Server:
         conn.endpoint = endpoint
         conn.params = match.params
         conn.query = dict(parse_qsl(query))
-        conn.user = conn.query.get("user") or "anonymous"
+        if self._verifier is None:  # with tokens, _authenticate set the user from "sub"
+            conn.user = conn.query.get("user") or "anonymous"
         response = [
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
@@ -920,10 +1168,14 @@ class Server:
         """Refuse with a real HTTP response, then close: never accept-then-close."""
         conn._queue_raw(http_response(status, text.encode(), headers=headers))
         conn.status = status
+        rejections = self.metrics.rejections
+        rejections[status] = rejections.get(status, 0) + 1
         self._set_closed(conn)
 
     def _healthz(self, headers: Mapping[bytes, bytes]) -> HttpReply:
-        return 200, (_encode_json(self.stats()) + "\n").encode(), "application/json"
+        stats = self.stats()
+        status = 200 if stats["status"] == "ok" else 503
+        return status, (_encode_json(stats) + "\n").encode(), "application/json"
 
     # -- frames -------------------------------------------------------------
 
@@ -981,6 +1233,8 @@ class Server:
             message = parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
         if not self._admit_rate(conn):
             return
+        counts = self.metrics.messages_in
+        counts[endpoint.name] = counts.get(endpoint.name, 0) + 1
         if endpoint.on_raw is not None:
             self._call(conn, endpoint.on_raw, conn, message)
         else:
@@ -1089,6 +1343,7 @@ class Server:
                     # It is not reading: drop what it has not taken and fail it with 1013.
                     conn.outbound.clear()
                     conn.outbound_size = 0
+                    self.metrics.slow_consumers += 1
                     self._close(conn, 1013, "slow consumer: outbound buffer full", wait=False)
 
     # -- rooms and presence ---------------------------------------------------
@@ -1107,9 +1362,11 @@ class Server:
         count = room.users.get(user, 0)
         room.users[user] = count + 1
         if room.presence:
-            conn.send({"event": "presence_state", "users": room.user_list()})
+            conn.send({"event": "presence_state", "users": self.presence(name)})
             if count == 0:
-                self._presence_event(room, user, True)
+                self._presence_changed()
+                if user not in self._remote_users.get(name, ()):
+                    self._presence_event(room, user, True)
             room._marks[conn] = len(room._log)
         return room
 
@@ -1123,7 +1380,9 @@ class Server:
         else:
             room.users.pop(user, None)
             if room.presence:
-                self._presence_event(room, user, False)
+                self._presence_changed()
+                if user not in self._remote_users.get(room.name, ()):
+                    self._presence_event(room, user, False)
         if not room.members and room._flush_at is None:
             self.rooms.pop(room.name, None)
 
@@ -1155,9 +1414,13 @@ class Server:
             self.rooms.pop(room.name, None)
 
     def presence(self, room: str) -> list[str]:
-        """Users present in a room, sorted."""
+        """Users present in a room on this instance and the others, sorted."""
         target = self.rooms.get(room)
-        return target.user_list() if target is not None else []
+        local = target.users.keys() if target is not None else ()
+        remote = self._remote_users.get(room)
+        if not remote:
+            return sorted(local)
+        return sorted(remote.keys() | local)
 
     # -- timers ---------------------------------------------------------------
 
@@ -1169,6 +1432,11 @@ class Server:
     def _fire(self, kind: int, target: Any, seq: int, now: float) -> None:
         if kind == _PRESENCE:
             self._flush_presence(target)
+            return
+        if kind == _NODE_EXPIRY:
+            remote = self._remote.get(target)
+            if remote is not None and remote.deadline <= now:
+                self._expire_node(target)
             return
         conn = self.connections.get(target)
         if conn is None:
@@ -1190,3 +1458,6 @@ class Server:
         elif kind == _PONG_DUE:
             if conn.state is State.OPEN and conn._pong_due and conn._ping_seq == seq:
                 self._close(conn, 1011, "keepalive ping timeout", wait=False)
+        elif kind == _TOKEN_EXPIRY:
+            if conn.state is State.OPEN:
+                self._close(conn, 1008, "token expired", wait=True)

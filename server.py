@@ -10,6 +10,11 @@ loop pass and writes every connection that gained output with one non-blocking
 buffer is full gets a task that waits for writability. No broadcast ever
 awaits per recipient.
 
+Effects go to the backends: ``Stored`` and ``History`` to a ``StoreWorker``
+(batched, in a worker thread; acks go back to the core once a batch commits),
+``Publish`` and ``PresenceChanged`` to the broker, whose messages come back
+through ``Server.deliver`` and ``Server.remote_presence``.
+
     python server.py --port 8765
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import signal
@@ -30,7 +36,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 import core
-from backends.store import MemoryStore
+from backends.broker import MemoryBroker, PubSubBroker, open_broker
+from backends.store import MemoryStore, Store, StoreWorker, open_store
 from handlers import build_router, page
 
 log = logging.getLogger("hubbub")
@@ -54,9 +61,25 @@ class Socket:
 class Shell:
     """Drives one ``core.Server`` over real sockets."""
 
-    def __init__(self, server: core.Server, store: MemoryStore) -> None:
+    def __init__(
+        self,
+        server: core.Server,
+        store: Store | None = None,
+        broker: MemoryBroker | PubSubBroker | None = None,
+        metrics: Any = None,
+    ) -> None:
         self.server = server
-        self.store = store
+        self.store: Store = store if store is not None else MemoryStore()
+        self.broker = broker if broker is not None else MemoryBroker(server.config.node)
+        self.writer = StoreWorker(
+            self.store,
+            on_stored=self._on_stored,
+            on_lost=self._on_lost,
+            on_history=self._on_history,
+            on_history_failed=self._on_history_failed,
+            on_status=self._on_store_status,
+            observe=metrics.observer("store") if metrics is not None else None,
+        )
         self.sockets: dict[core.Connection, Socket] = {}
         self._flush_needed = anyio.Event()
         self._timer_wake = anyio.Event()
@@ -74,6 +97,12 @@ class Shell:
             tg.start_soon(self._accept_loop, listener)
             tg.start_soon(self._flusher)
             tg.start_soon(self._timers)
+            tg.start_soon(self.writer.run)
+            tg.start_soon(self._store_probe)
+            self.server.set_available("broker", self.broker.up)
+            await tg.start(self.broker.run, self)
+            if not isinstance(self.broker, MemoryBroker):
+                tg.start_soon(self._heartbeats)
             task_status.started()
 
     async def shutdown(self, grace: float = 2.0) -> None:
@@ -86,6 +115,10 @@ class Shell:
         with anyio.move_on_after(grace):
             while self.sockets:
                 await anyio.sleep(0.02)
+        with anyio.move_on_after(self.writer.retry_for + 1.0):
+            await self.writer.drain()  # what was acked or is being written gets its chance
+        await self.broker.close()  # presence goodbye: our users leave the others' lists now
+        await anyio.to_thread.run_sync(self.store.close)
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
@@ -254,14 +287,71 @@ class Shell:
             io.drain = None
 
     def _run_effects(self, effects: list[core.Effect]) -> None:
+        presence_changed = False
         for effect in effects:
-            if isinstance(effect, core.Stored):
-                self.store.add(effect.room, effect.message)
+            if isinstance(effect, core.Publish):
+                self.broker.publish(effect.room, effect.message)
+            elif isinstance(effect, core.Stored):
+                self.writer.write(effect.room, effect.message, effect.ack)
             elif isinstance(effect, core.History):
-                messages = self.store.history(effect.room, effect.limit, effect.before)
-                self.server.history_reply(effect.conn_id, effect.room, messages)
+                self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)
+            elif isinstance(effect, core.PresenceChanged):
+                presence_changed = True
             elif isinstance(effect, core.HandlerFailed):
                 log.error("conn %d: handler failed", effect.conn_id, exc_info=effect.error)
+        if presence_changed:
+            self.broker.publish_presence(self.server.local_presence())
+
+    # -- what the backends report back (each is one input to the core) -----------
+
+    def _on_stored(self, acks: list[core.Ack]) -> None:
+        self.server.ack(acks)
+        self._after_input()
+
+    def _on_lost(self, acks: list[core.Ack], detail: str) -> None:
+        self.server.unavailable(acks, detail)
+        self._after_input()
+
+    def _on_history(self, conn_id: int, room: str, messages: list[Any]) -> None:
+        self.server.history_reply(conn_id, room, messages)
+        self._after_input()
+
+    def _on_history_failed(self, conn_id: int, detail: str) -> None:
+        self.server.history_failed(conn_id, detail)
+        self._after_input()
+
+    def _on_store_status(self, up: bool) -> None:
+        self.server.set_available("store", up)
+
+    def on_message(self, room: str, message: Any, node: str) -> None:
+        """A chat message another instance published."""
+        if self.server.deliver(room, message, node) is not None and not self.store.shared:
+            self.writer.write(room, message, None)  # our own history holds the other instances' messages too
+        self._after_input()
+
+    def on_presence(self, node: str, rooms: Any) -> None:
+        self.server.remote_presence(node, rooms, time.time())
+        self._after_input()
+
+    def on_sync(self) -> None:
+        self.broker.publish_presence(self.server.local_presence())
+
+    def on_broker_status(self, up: bool) -> None:
+        self.server.set_available("broker", up)
+
+    async def _heartbeats(self) -> None:
+        """Tell the other instances who is here, every ``presence_heartbeat`` seconds."""
+        while True:
+            self.broker.publish_presence(self.server.local_presence())
+            await anyio.sleep(self.server.config.presence_heartbeat)
+
+    async def _store_probe(self, interval: float = 1.0) -> None:
+        """Ping the store: at once (it opens and migrates), then every second while it is down,
+        every ten while it is up. Chat refuses messages while it is down."""
+        self.server.set_available("store", await self.writer.check())
+        while True:
+            await anyio.sleep(interval if not self.writer.up else 10 * interval)
+            await self.writer.check()
 
 
 # -- the command line -----------------------------------------------------------
@@ -309,6 +399,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated Origins allowed to connect ('*' for any); "
         "default: the server's own host, plus clients that send no Origin",
     )
+    parser.add_argument(
+        "--store", default=_env("store") or "sqlite:///hubbub.db",
+        help="where chat history is kept: sqlite:///PATH (a file; sqlite:////abs/path), "
+        "postgresql://USER@HOST:PORT/DB, or memory (gone on restart)",
+    )
+    parser.add_argument(
+        "--broker", default=_env("broker") or "memory",
+        help="how instances share rooms and presence: memory (one instance), "
+        "redis://HOST:PORT/DB or nats://HOST:PORT (asyncio backend only)",
+    )
+    parser.add_argument(
+        "--broker-channel", default=_env("broker_channel") or "hubbub",
+        help="Redis channel / NATS subject (and Redis key prefix) the instances of one deployment share",
+    )
+    parser.add_argument(
+        "--jwt-secret", default=_env("jwt_secret"),
+        help="require a JWT signed with this HS256 secret at every WebSocket handshake (sub = the user)",
+    )
+    parser.add_argument(
+        "--jwt-public-key", default=_env("jwt_public_key"), metavar="FILE",
+        help="require a JWT signed for this PEM public key (RS256 for RSA, ES256 for EC)",
+    )
+    parser.add_argument("--jwt-audience", default=_env("jwt_audience"), help="required 'aud' claim of tokens")
+    parser.add_argument("--jwt-issuer", default=_env("jwt_issuer"), help="required 'iss' claim of tokens")
     skip = {"compression", "allowed_origins", "node"}
     for f in dataclasses.fields(core.Config):
         if f.name in skip:
@@ -340,7 +454,22 @@ def config_from(args: argparse.Namespace) -> core.Config:
         **values,
         compression=not args.no_compression,
         allowed_origins=origins,
-        node=os.urandom(2).hex(),
+        node=os.urandom(4).hex(),  # 32 bits: instances of one deployment must not share a tag
+    )
+
+
+def verifier_from(args: argparse.Namespace) -> Any:
+    """The JWT verifier the flags ask for, or None (authentication off: ``?user=`` names the user)."""
+    if args.jwt_secret is None and args.jwt_public_key is None:
+        return None
+    from backends.auth import jwt_verifier
+
+    public_key = None
+    if args.jwt_public_key is not None:
+        with open(args.jwt_public_key) as f:
+            public_key = f.read()
+    return jwt_verifier(
+        secret=args.jwt_secret, public_key=public_key, audience=args.jwt_audience, issuer=args.jwt_issuer
     )
 
 
@@ -348,9 +477,21 @@ async def serve(
     args: argparse.Namespace, *, handle_signals: bool = True, task_status: Any = anyio.TASK_STATUS_IGNORED
 ) -> None:
     """Listen and serve; with ``handle_signals``, SIGINT/SIGTERM shut down cleanly (main thread only)."""
+    from backends.metrics import Metrics
+
     config = config_from(args)
-    server = core.Server(build_router(config), config, http_routes={"/": page.index})
-    shell = Shell(server, MemoryStore())
+    metrics = Metrics()
+    store = open_store(args.store)
+    broker = open_broker(
+        args.broker, config.node, channel=args.broker_channel, presence_ttl=config.presence_ttl,
+        observe=metrics.observer("broker"),
+    )
+    server = core.Server(
+        build_router(config), config, http_routes={"/": page.index, "/metrics": metrics.render},
+        verifier=verifier_from(args),
+    )
+    shell = Shell(server, store, broker, metrics)
+    metrics.attach(server, broker, shell.writer)
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
     async with anyio.create_task_group() as tg:
@@ -358,7 +499,10 @@ async def serve(
         if handle_signals:
             await tg.start(_on_signals, shell)
         task_status.started((shell, port))
-        log.info("serving on %s:%d with the %s backend", host, port, args.backend)
+        log.info(
+            "serving on %s:%d with the %s backend; node %s, store %s, broker %s",
+            host, port, args.backend, config.node, _redact(args.store), _redact(args.broker),
+        )
         print(f"hubbub listening on ws://{host}:{port}", flush=True)
     log.info("hubbub stopped")
 
@@ -372,8 +516,33 @@ async def _on_signals(shell: Shell, *, task_status: Any = anyio.TASK_STATUS_IGNO
             return
 
 
+def _redact(url: str) -> str:
+    """A URL for the log, without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        open_store(args.store)
+        open_broker(args.broker, "check")
+        verifier_from(args)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    for url, prefixes, module, extra in (
+        (args.store, ("postgresql://", "postgres://"), "psycopg", "postgresql"),
+        (args.broker, ("nats://", "tls://"), "nats", "nats"),
+    ):
+        if url.startswith(prefixes) and importlib.util.find_spec(module) is None:
+            parser.error(f"{url.split(':')[0]} needs {module}: pip install 'hubbub[{extra}]'")
+    if args.backend == "trio" and args.broker != "memory":
+        parser.error("--broker redis:// and nats:// need the asyncio backend (their clients are asyncio-only)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend_options: dict[str, Any] = {}
     if args.backend == "asyncio":

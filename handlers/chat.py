@@ -1,15 +1,22 @@
 """Chat rooms: ``/chat`` (room ``lobby``) and ``/chat/{room}``.
 
-A message goes to every *other* member of the room, with a server-assigned id
-and timestamp; the sender gets an ``ack`` when it passed a ``ref``. History is
-read by the shell's store, which answers through ``Server.history_reply``.
+A message goes to every *other* member of the room at once, on this instance
+and (through the broker, ``Publish``) on the others, with a server-assigned id
+and timestamp. The sender gets an ``ack`` when it passed a ``ref``, but only
+once the store has kept the message: the ``Stored`` effect carries the ``Ack``
+and the shell hands it back through ``Server.ack`` after its batch commits (or
+``Server.unavailable`` when it cannot). While the store is known to be down,
+messages are refused with ``unavailable`` instead of being sent unkept.
+History is read by the shell's store, which answers through
+``Server.history_reply``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from core import Connection, Endpoint, EventError, History, Stored
+from core import Ack, Connection, Endpoint, EventError, History, Publish, Stored
 
 DEFAULT_ROOM = "lobby"
 DEFAULT_HISTORY = 50
@@ -17,6 +24,11 @@ DEFAULT_HISTORY = 50
 
 def room_of(conn: Connection) -> str:
     return conn.params.get("room", DEFAULT_ROOM)
+
+
+def rooms_of(params: Mapping[str, str]) -> tuple[str]:
+    """The room a connection joins, for a token's ``rooms`` claim."""
+    return (params.get("room", DEFAULT_ROOM),)
 
 
 def on_open(conn: Connection) -> None:
@@ -32,6 +44,12 @@ def on_message(conn: Connection, event: dict[str, Any]) -> None:
         raise EventError("bad_field", '"ref" must be a string or a number')
     room = room_of(conn)
     server = conn.server
+    if not server.available("store"):
+        error = {"event": "error", "code": "unavailable", "detail": "the message store is unreachable: not sent"}
+        if ref is not None:
+            error["ref"] = ref
+        conn.send(error)
+        return
     message = {
         "event": "message",
         "room": room,
@@ -41,9 +59,8 @@ def on_message(conn: Connection, event: dict[str, Any]) -> None:
         "ts": int(server.now * 1000),
     }
     server.broadcast(room, message, exclude=conn)
-    conn.emit(Stored(room, message))
-    if ref is not None:
-        conn.send({"event": "ack", "ref": ref, "id": message["id"]})
+    conn.emit(Publish(room, message))
+    conn.emit(Stored(room, message, Ack(conn.id, ref, message["id"])))
 
 
 def on_history(conn: Connection, event: dict[str, Any]) -> None:
@@ -59,6 +76,7 @@ def on_history(conn: Connection, event: dict[str, Any]) -> None:
 
 endpoint = Endpoint(
     name="chat",
+    rooms=rooms_of,
     on_open=on_open,
     events={"message": on_message, "history": on_history},
 )

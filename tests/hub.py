@@ -21,6 +21,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 import core
+from backends.store import MemoryStore
 from handlers import build_router
 
 
@@ -88,18 +89,42 @@ class Peer:
 
 
 class Hub:
-    """A ``core.Server`` with the real routes, a settable clock and in-memory peers."""
+    """A ``core.Server`` with the real routes, a settable clock and in-memory peers.
 
-    def __init__(self, **config: Any) -> None:
+    Like a shell, ``pump`` carries out the core's effects: ``Stored`` goes to a
+    ``MemoryStore`` and is acked at once (set ``hold_writes`` to keep them in
+    ``held`` instead and answer them yourself), ``History`` is answered from it,
+    and everything else lands in ``effects``.
+    """
+
+    def __init__(self, verifier: Any = None, **config: Any) -> None:
         self.config = core.Config(**config)
-        self.server = core.Server(build_router(self.config), self.config)
+        self.server = core.Server(build_router(self.config), self.config, verifier=verifier)
         self.now = 1_700_000_000.0
         self.peers: dict[core.Connection, Peer] = {}
+        self.store = MemoryStore()
+        self.hold_writes = False
+        self.held: list[core.Stored] = []
+        self.effects: list[core.Effect] = []
 
     def join(self, target: str, **kwargs: Any) -> Peer:
         return Peer(self, target, **kwargs)
 
     def pump(self) -> None:
+        server = self.server
+        for effect in server.effects():
+            if isinstance(effect, core.Stored) and self.hold_writes:
+                self.held.append(effect)
+            elif isinstance(effect, core.Stored):
+                self.store.add(effect.room, effect.message)
+                if effect.ack is not None:
+                    server.ack([effect.ack])
+            elif isinstance(effect, core.History):
+                server.history_reply(
+                    effect.conn_id, effect.room, self.store.history(effect.room, effect.limit, effect.before)
+                )
+            else:
+                self.effects.append(effect)
         for conn in self.server.pending():
             data = conn.data_to_send()
             if data:

@@ -51,7 +51,8 @@ def spawn_server(*args: str, env: dict[str, str] | None = None, timeout: float =
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        # the memory store unless a test asks for another: parallel servers must not share ./hubbub.db
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "HUBBUB_STORE": "memory", **(env or {})},
     )
     output: list[str] = []
     found = threading.Event()

@@ -1,0 +1,413 @@
+"""Brokers: how several hubbub instances act as one.
+
+``--broker`` picks one by URL:
+
+- ``memory`` (the default): one instance; nothing leaves the process.
+- ``redis://HOST:PORT/DB``: Redis pub/sub through redis-py's asyncio client.
+- ``nats://HOST:PORT``: NATS core pub/sub through nats-py.
+
+What goes over the wire is one channel (Redis) or subject (NATS), ``--broker-channel``,
+carrying small JSON envelopes, each tagged with the sending instance's node tag ``n``:
+
+- ``{"n": NODE, "r": ROOM, "m": MESSAGE}``: a chat message for the room's members elsewhere.
+- ``{"n": NODE, "p": {ROOM: [USERS]}}``: a presence heartbeat, the node's whole local
+  presence, sent on every change and every ``presence_heartbeat`` seconds; ``"p": null``
+  is a goodbye.
+- ``{"n": NODE, "s": 1}``: "I just connected": everyone answers with a heartbeat at once.
+
+Ordering and exactly-once come from the pieces together: one connection publishes a
+node's envelopes in the order the core produced them; Redis and NATS keep a publisher's
+order per channel; the core ignores its own node's messages coming back and any id not
+newer than the last it delivered from that node. While the broker is unreachable the
+envelopes wait in a bounded queue (``max_queue``) and are sent, in order, on reconnect;
+a batch whose fate is unknown is sent again, and the receivers' id check drops the copies.
+Presence expiry lives in the core (``presence_ttl`` after the last heartbeat); with Redis
+each node's presence is also kept in a key that expires after ``presence_ttl``, which a
+(re)starting instance reads so it knows everyone at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import anyio
+
+log = logging.getLogger("hubbub.broker")
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class Sink(Protocol):
+    """Where a broker hands what it receives: the shell, which passes it on to the core."""
+
+    def on_message(self, room: str, message: Mapping[str, Any], node: str) -> None: ...
+    def on_presence(self, node: str, rooms: Mapping[str, Sequence[str]] | None) -> None: ...
+    def on_sync(self) -> None: ...
+    def on_broker_status(self, up: bool) -> None: ...
+
+
+class BrokerUnavailable(Exception):
+    """The broker connection failed; the run loop reconnects with backoff."""
+
+
+class MemoryBroker:
+    """One instance, nothing to share: publishing goes nowhere and the broker is always up."""
+
+    name = "memory"
+    up = True
+    dropped = 0
+    queued = 0
+
+    def __init__(self, node: str = "", **_: Any) -> None:
+        self.node = node
+
+    async def run(self, sink: Sink, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    def publish(self, room: str, message: Mapping[str, Any]) -> None:
+        pass
+
+    def publish_presence(self, rooms: Mapping[str, Sequence[str]] | None) -> None:
+        pass
+
+    async def check(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+class PubSubBroker:
+    """The part Redis and NATS share: the outbound queue, the reconnect loop and the envelopes.
+
+    A subclass opens the connection (``_open``), sends a batch of envelopes
+    (``_send``), reads envelopes until the connection fails (``_listen``),
+    pings (``_ping``) and closes (``_close``).
+    """
+
+    name = "pubsub"
+
+    def __init__(
+        self,
+        url: str,
+        node: str,
+        channel: str = "hubbub",
+        presence_ttl: float = 6.0,
+        max_queue: int = 100_000,
+        max_batch: int = 512,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.node = node
+        self.channel = channel
+        self.presence_ttl = presence_ttl
+        self.max_batch = max_batch
+        self.observe = observe or (lambda op, seconds: None)
+        self.up = False
+        self.dropped = 0  # envelopes dropped because the queue was full during an outage
+        self._queue: deque[bytes] = deque()
+        self._max_queue = max_queue
+        self._presence: bytes | None = None  # the newest heartbeat, not yet sent
+        self._presence_rooms: Mapping[str, Sequence[str]] | None = {}
+        self._wake: anyio.Event | None = None  # made in run(): an Event belongs to a running loop
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- what the shell calls (never blocks) ------------------------------------
+
+    def publish(self, room: str, message: Mapping[str, Any]) -> None:
+        if len(self._queue) >= self._max_queue:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append(_encode({"n": self.node, "r": room, "m": message}).encode())
+        if self._wake is not None:
+            self._wake.set()
+
+    def publish_presence(self, rooms: Mapping[str, Sequence[str]] | None) -> None:
+        self._presence_rooms = rooms
+        self._presence = _encode({"n": self.node, "p": rooms}).encode()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Send what is queued and a presence goodbye, for at most a second."""
+        self.publish_presence(None)
+        with anyio.move_on_after(1.0):
+            while self.up and (self._queue or self._presence is not None):
+                await anyio.sleep(0.01)
+
+    async def check(self) -> bool:
+        if not self.up:
+            return False
+        try:
+            with anyio.fail_after(2.0):
+                await self._ping()
+        except (BrokerUnavailable, TimeoutError):
+            return False
+        return True
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self, sink: Sink, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, subscribe, send and receive; on failure reconnect with backoff, forever."""
+        self._wake = anyio.Event()
+        task_status.started()
+        delay = 0.1
+        while True:
+            try:
+                await self._open()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._listen_into, sink)
+                    await self._hello(sink)
+                    self._set_up(True, sink)
+                    delay = 0.1
+                    await self._sender()
+            except* BrokerUnavailable as group:
+                self._set_up(False, sink, "; ".join(str(e) for e in group.exceptions))
+            except* Exception as group:  # a client library's surprise: log it, reconnect, keep serving
+                log.error("broker: unexpected failure, reconnecting", exc_info=group)
+                self._set_up(False, sink, "unexpected failure")
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._close()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _listen_into(self, sink: Sink) -> None:
+        async for data in self._listen():
+            try:
+                envelope = json.loads(data)
+                node = envelope["n"]
+                if node == self.node:
+                    continue
+                if "m" in envelope:
+                    sink.on_message(envelope["r"], envelope["m"], node)
+                elif "p" in envelope:
+                    sink.on_presence(node, envelope["p"])
+                elif "s" in envelope:
+                    sink.on_sync()
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("broker: ignored a malformed envelope (%s): %.200r", exc, data)
+        raise BrokerUnavailable("subscription ended")
+
+    async def _hello(self, sink: Sink) -> None:
+        """Just (re)connected: ask everyone for their presence and send ours."""
+        await self._send([_encode({"n": self.node, "s": 1}).encode()])
+        if self._presence is None and self._presence_rooms is not None:
+            self._presence = _encode({"n": self.node, "p": self._presence_rooms}).encode()
+
+    async def _sender(self) -> None:
+        queue = self._queue
+        while True:
+            if self._presence is None and not queue:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
+            batch = [queue[i] for i in range(min(len(queue), self.max_batch))]
+            presence = self._presence
+            if presence is not None:
+                batch.append(presence)
+            started = time.perf_counter()
+            await self._send(batch, presence=presence is not None)
+            self.observe("publish", time.perf_counter() - started)
+            for _ in range(len(batch) - (presence is not None)):
+                queue.popleft()
+            if self._presence is presence:
+                self._presence = None
+
+    def _set_up(self, up: bool, sink: Sink, why: str = "") -> None:
+        if up != self.up:
+            self.up = up
+            if up:
+                log.warning("broker: connected to %s", self.name)
+            else:
+                log.warning("broker: %s unreachable (%s); %d messages wait", self.name, why, len(self._queue))
+            sink.on_broker_status(up)
+        elif not up:
+            log.debug("broker: still unreachable: %s", why)
+
+    # -- for subclasses -----------------------------------------------------------
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _send(self, batch: list[bytes], presence: bool = False) -> None:
+        raise NotImplementedError
+
+    def _listen(self) -> Any:
+        raise NotImplementedError
+
+    async def _ping(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+
+class RedisBroker(PubSubBroker):
+    """Redis pub/sub: one connection publishes (pipelined batches), one subscribes."""
+
+    name = "redis"
+
+    def __init__(self, url: str, node: str, **kwargs: Any) -> None:
+        super().__init__(url, node, **kwargs)
+        self._client: Any = None
+        self._pubsub: Any = None
+        self._node_key = f"{self.channel}:node:{node}"
+
+    async def _open(self) -> None:
+        import redis.asyncio as redis
+        from redis.exceptions import RedisError
+
+        self._errors = (RedisError, OSError)
+        try:
+            self._client = redis.Redis.from_url(
+                self.url, socket_connect_timeout=2.0, socket_timeout=5.0, retry_on_timeout=False,
+                retry=None, single_connection_client=True,
+            )
+            self._pubsub = redis.Redis.from_url(self.url, socket_connect_timeout=2.0, retry=None).pubsub(
+                ignore_subscribe_messages=True
+            )
+            await self._pubsub.subscribe(self.channel)
+            keys = [key async for key in self._client.scan_iter(match=f"{self.channel}:node:*", count=500)]
+            self._known = await self._client.mget(keys) if keys else []
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _hello(self, sink: Sink) -> None:
+        for value in self._known:
+            if value is None:
+                continue
+            try:
+                envelope = json.loads(value)
+                if envelope["n"] != self.node:
+                    sink.on_presence(envelope["n"], envelope["p"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        await super()._hello(sink)
+
+    async def _send(self, batch: list[bytes], presence: bool = False) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for data in batch:
+                    pipe.publish(self.channel, data)
+                if presence:
+                    if self._presence_rooms is None:
+                        pipe.delete(self._node_key)
+                    else:
+                        pipe.set(self._node_key, batch[-1], px=int(self.presence_ttl * 1000))
+                await pipe.execute()
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _listen(self) -> Any:
+        try:
+            while True:
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if message is not None and message["type"] == "message":
+                    yield message["data"]
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _ping(self) -> None:
+        try:
+            await self._client.ping()
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def _close(self) -> None:
+        for closable in (self._pubsub, self._client):
+            if closable is None:
+                continue
+            try:
+                await closable.aclose()
+            except Exception as exc:  # closing a broken connection may fail in many ways; it is gone anyway
+                log.debug("broker: close: %r", exc)
+        self._pubsub = self._client = None
+
+
+class NatsBroker(PubSubBroker):
+    """NATS core pub/sub; nats-py's own reconnect is off so the shared loop above owns it."""
+
+    name = "nats"
+
+    def __init__(self, url: str, node: str, **kwargs: Any) -> None:
+        super().__init__(url, node, **kwargs)
+        self._nc: Any = None
+        self._sub: Any = None
+
+    async def _open(self) -> None:
+        import nats
+        from nats.errors import Error as NatsError
+
+        self._errors = (NatsError, OSError, TimeoutError)
+
+        async def quiet(exc: Exception) -> None:
+            log.debug("broker: nats: %r", exc)
+
+        try:
+            self._nc = await nats.connect(
+                self.url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0,
+                error_cb=quiet, ping_interval=5, max_outstanding_pings=2,
+            )
+            self._sub = await self._nc.subscribe(self.channel, pending_msgs_limit=1_000_000)
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _send(self, batch: list[bytes], presence: bool = False) -> None:
+        nc = self._nc
+        try:
+            for data in batch:
+                await nc.publish(self.channel, data)
+            await nc.flush(timeout=5)
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+        if nc.is_closed:
+            raise BrokerUnavailable("connection closed")
+
+    async def _listen(self) -> Any:
+        sub = self._sub
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except TimeoutError:
+                    if self._nc.is_closed or not self._nc.is_connected:
+                        raise BrokerUnavailable("connection lost") from None
+                    continue
+                yield msg.data
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _ping(self) -> None:
+        try:
+            await self._nc.flush(timeout=2)
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def _close(self) -> None:
+        if self._nc is not None:
+            try:
+                await self._nc.close()
+            except Exception as exc:  # closing a broken connection may fail in many ways; it is gone anyway
+                log.debug("broker: close: %r", exc)
+        self._nc = self._sub = None
+
+
+def open_broker(url: str, node: str, **kwargs: Any) -> MemoryBroker | PubSubBroker:
+    """The broker a ``--broker`` URL names."""
+    if url == "memory":
+        return MemoryBroker(node)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisBroker(url, node, **kwargs)
+    if url.startswith(("nats://", "tls://")):
+        return NatsBroker(url, node, **kwargs)
+    raise ValueError(f"unknown --broker {url!r}: expected memory, redis://HOST:PORT/DB or nats://HOST:PORT")
