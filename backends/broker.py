@@ -9,18 +9,26 @@
 What goes over the wire is one channel (Redis) or subject (NATS), ``--broker-channel``,
 carrying small JSON envelopes, each tagged with the sending instance's node tag ``n``:
 
-- ``{"n": NODE, "r": ROOM, "m": MESSAGE}``: a chat message for the room's members elsewhere.
+- ``{"n": NODE, "q": SEQ, "r": ROOM, "m": MESSAGE}``: a chat message for the room's members
+  elsewhere; ``q`` counts 1, 2, 3... per node, so a receiver sees a gap.
 - ``{"n": NODE, "p": {ROOM: [USERS]}}``: a presence heartbeat, the node's whole local
   presence, sent on every change and every ``presence_heartbeat`` seconds; ``"p": null``
   is a goodbye.
-- ``{"n": NODE, "s": 1}``: "I just connected": everyone answers with a heartbeat at once.
+- ``{"n": NODE, "s": {NODE2: SEQ, ...}}``: "I (re)connected, or saw a gap: the last I have
+  from NODE2 is SEQ". Everyone answers with a heartbeat, and NODE2 sends again what it
+  published after SEQ (from its ring of the last ``replay`` messages).
 
-Ordering and exactly-once come from the pieces together: one connection publishes a
-node's envelopes in the order the core produced them; Redis and NATS keep a publisher's
-order per channel; the core ignores its own node's messages coming back and any id not
-newer than the last it delivered from that node. While the broker is unreachable the
-envelopes wait in a bounded queue (``max_queue``) and are sent, in order, on reconnect;
-a batch whose fate is unknown is sent again, and the receivers' id check drops the copies.
+Exactly once and in order: one connection publishes a node's envelopes in the order the
+core produced them, and Redis and NATS keep a publisher's order. Pub/sub forgets what
+arrives while a subscriber is away, so a receiver delivers each node's messages strictly
+in ``q`` order: a repeat is dropped; after a gap the newer messages wait (up to
+``max_pending``) while it asks for a replay; a gap still open after ``gap_timeout``
+seconds (the messages fell out of the publisher's ring, or the publisher died) is given
+up and counted in ``lost``. The core's own check (no id older than the last one delivered
+from a node) stands behind this. While the broker is unreachable, envelopes wait in a
+bounded queue (``max_queue``) and go out, in order, on reconnect; a batch whose fate is
+unknown is sent again and the receivers drop the copies.
+
 Presence expiry lives in the core (``presence_ttl`` after the last heartbeat); with Redis
 each node's presence is also kept in a key that expires after ``presence_ttl``, which a
 (re)starting instance reads so it knows everyone at once.
@@ -61,6 +69,7 @@ class MemoryBroker:
     name = "memory"
     up = True
     dropped = 0
+    lost = 0
     queued = 0
 
     def __init__(self, node: str = "", **_: Any) -> None:
@@ -83,8 +92,20 @@ class MemoryBroker:
         pass
 
 
+class Peer:
+    """What this instance has received from another node's message stream."""
+
+    __slots__ = ("gap_since", "next", "pending")
+
+    def __init__(self, next_seq: int) -> None:
+        self.next = next_seq  # the q we deliver next
+        self.pending: dict[int, tuple[str, Any]] = {}  # q -> (room, message), waiting behind a gap
+        self.gap_since: float | None = None
+
+
 class PubSubBroker:
-    """The part Redis and NATS share: the outbound queue, the reconnect loop and the envelopes.
+    """The part Redis and NATS share: the outbound queue, the replay ring, the reconnect loop,
+    the in-order receiving and the envelopes.
 
     A subclass opens the connection (``_open``), sends a batch of envelopes
     (``_send``), reads envelopes until the connection fails (``_listen``),
@@ -101,6 +122,9 @@ class PubSubBroker:
         presence_ttl: float = 6.0,
         max_queue: int = 100_000,
         max_batch: int = 512,
+        replay: int = 10_000,
+        max_pending: int = 10_000,
+        gap_timeout: float = 2.0,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.url = url
@@ -108,11 +132,19 @@ class PubSubBroker:
         self.channel = channel
         self.presence_ttl = presence_ttl
         self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.gap_timeout = gap_timeout
         self.observe = observe or (lambda op, seconds: None)
         self.up = False
         self.dropped = 0  # envelopes dropped because the queue was full during an outage
-        self._queue: deque[bytes] = deque()
+        self.lost = 0  # messages from others given up after a gap that no replay filled
+        self._seq = 0
+        self._queue: deque[tuple[int, bytes]] = deque()  # (q, envelope), not yet sent
         self._max_queue = max_queue
+        self._sent: deque[tuple[int, bytes]] = deque(maxlen=replay)  # the last messages sent, for replays
+        self._replay: list[bytes] = []
+        self._control: list[bytes] = []  # sync requests, sent before anything else
+        self._peers: dict[str, Peer] = {}
         self._presence: bytes | None = None  # the newest heartbeat, not yet sent
         self._presence_rooms: Mapping[str, Sequence[str]] | None = {}
         self._wake: anyio.Event | None = None  # made in run(): an Event belongs to a running loop
@@ -127,15 +159,14 @@ class PubSubBroker:
         if len(self._queue) >= self._max_queue:
             self._queue.popleft()
             self.dropped += 1
-        self._queue.append(_encode({"n": self.node, "r": room, "m": message}).encode())
-        if self._wake is not None:
-            self._wake.set()
+        self._seq += 1
+        self._queue.append((self._seq, _encode({"n": self.node, "q": self._seq, "r": room, "m": message}).encode()))
+        self._poke()
 
     def publish_presence(self, rooms: Mapping[str, Sequence[str]] | None) -> None:
         self._presence_rooms = rooms
         self._presence = _encode({"n": self.node, "p": rooms}).encode()
-        if self._wake is not None:
-            self._wake.set()
+        self._poke()
 
     async def close(self) -> None:
         """Send what is queued and a presence goodbye, for at most a second."""
@@ -154,6 +185,10 @@ class PubSubBroker:
             return False
         return True
 
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
     # -- the loop ---------------------------------------------------------------
 
     async def run(self, sink: Sink, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -166,6 +201,7 @@ class PubSubBroker:
                 await self._open()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._listen_into, sink)
+                    tg.start_soon(self._close_gaps, sink)
                     await self._hello(sink)
                     self._set_up(True, sink)
                     delay = 0.1
@@ -189,37 +225,113 @@ class PubSubBroker:
                 if node == self.node:
                     continue
                 if "m" in envelope:
-                    sink.on_message(envelope["r"], envelope["m"], node)
+                    self._receive(sink, node, envelope["q"], envelope["r"], envelope["m"])
                 elif "p" in envelope:
                     sink.on_presence(node, envelope["p"])
                 elif "s" in envelope:
+                    self._on_sync(envelope["s"])
                     sink.on_sync()
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("broker: ignored a malformed envelope (%s): %.200r", exc, data)
         raise BrokerUnavailable("subscription ended")
 
+    def _receive(self, sink: Sink, node: str, seq: int, room: str, message: Any) -> None:
+        """Deliver each node's messages once, in q order; hold the newer ones behind a gap."""
+        peer = self._peers.get(node)
+        if peer is None:  # the first we hear of it: its stream starts here for us
+            peer = self._peers[node] = Peer(seq)
+        if seq < peer.next or seq in peer.pending:
+            return  # a repeat (a replay, or a batch sent again after an outage)
+        if seq > peer.next:
+            if peer.gap_since is None:
+                peer.gap_since = time.monotonic()
+                self._request_replay({node: peer.next - 1})
+            if len(peer.pending) >= self.max_pending:
+                self._skip_gap(sink, node, peer)
+            peer.pending[seq] = (room, message)
+            return
+        sink.on_message(room, message, node)
+        peer.next = seq + 1
+        self._drain(sink, node, peer)
+
+    def _drain(self, sink: Sink, node: str, peer: Peer) -> None:
+        pending = peer.pending
+        while peer.next in pending:
+            room, message = pending.pop(peer.next)
+            sink.on_message(room, message, node)
+            peer.next += 1
+        if not pending:
+            peer.gap_since = None
+
+    def _skip_gap(self, sink: Sink, node: str, peer: Peer) -> None:
+        first = min(peer.pending)
+        self.lost += first - peer.next
+        log.warning("broker: gave up on %d messages from %s (no replay came)", first - peer.next, node)
+        peer.next = first
+        self._drain(sink, node, peer)
+        if peer.pending:
+            peer.gap_since = time.monotonic()
+
+    async def _close_gaps(self, sink: Sink) -> None:
+        while True:
+            await anyio.sleep(self.gap_timeout / 4)
+            now = time.monotonic()
+            for node, peer in list(self._peers.items()):
+                if peer.gap_since is not None and now - peer.gap_since >= self.gap_timeout:
+                    self._skip_gap(sink, node, peer)
+
+    def _request_replay(self, marks: Mapping[str, int]) -> None:
+        self._control.append(_encode({"n": self.node, "s": marks}).encode())
+        self._poke()
+
+    def _on_sync(self, marks: Any) -> None:
+        """Another instance (re)connected or saw a gap: send again what it lacks of ours."""
+        mark = marks.get(self.node) if isinstance(marks, dict) else None
+        if not isinstance(mark, int):
+            return  # it never heard from us
+        self._replay = [envelope for seq, envelope in self._sent if seq > mark]
+        if self._replay:
+            self._poke()
+
     async def _hello(self, sink: Sink) -> None:
-        """Just (re)connected: ask everyone for their presence and send ours."""
-        await self._send([_encode({"n": self.node, "s": 1}).encode()])
+        """Just (re)connected: ask everyone for their presence and for what we missed; send ours."""
+        marks = {node: peer.next - 1 for node, peer in self._peers.items()}
+        await self._send([_encode({"n": self.node, "s": marks}).encode()])
         if self._presence is None and self._presence_rooms is not None:
             self._presence = _encode({"n": self.node, "p": self._presence_rooms}).encode()
 
     async def _sender(self) -> None:
         queue = self._queue
+        sent = self._sent
         while True:
+            if self._control:
+                control, self._control = self._control, []
+                await self._send(control)
+                continue
+            if self._replay:
+                replay = self._replay
+                await self._send(replay)
+                if self._replay is replay:
+                    self._replay = []
+                continue
             if self._presence is None and not queue:
+                assert self._wake is not None
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 continue
-            batch = [queue[i] for i in range(min(len(queue), self.max_batch))]
+            taken = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+            batch = [envelope for _, envelope in taken]
             presence = self._presence
             if presence is not None:
                 batch.append(presence)
             started = time.perf_counter()
-            await self._send(batch, presence=presence is not None)
+            try:
+                await self._send(batch, presence=presence is not None)
+            except BaseException:
+                queue.extendleft(reversed(taken))  # unsent, or its fate unknown: send again on reconnect
+                raise
             self.observe("publish", time.perf_counter() - started)
-            for _ in range(len(batch) - (presence is not None)):
-                queue.popleft()
+            sent.extend(taken)
             if self._presence is presence:
                 self._presence = None
 

@@ -62,6 +62,8 @@ class CoreCollector(Collector):
         yield GaugeMetricFamily("hubbub_broker_queue", "messages waiting for the broker", value=self.broker.queued)
         yield CounterMetricFamily("hubbub_broker_dropped", "messages dropped from a full broker queue",
                                   value=self.broker.dropped)
+        yield CounterMetricFamily("hubbub_broker_lost", "messages from other instances lost in a gap no replay filled",
+                                  value=self.broker.lost)
 
 
 class Metrics:

@@ -208,13 +208,19 @@ def test_jwt_public_key_rs256(tmp_path: Path) -> None:
 
 def test_redis_outage_the_server_survives_and_no_acked_message_is_lost(tmp_path: Path) -> None:
     room = unique("room")
-    db = tmp_path / "a.db"
-    with private_redis(tmp_path) as redis, \
-            instances(redis.url, 1, "--store", f"sqlite:///{db}") as (a,), \
-            instances(redis.url, 1, "--store", "memory") as (b,):
-        # instances() gives each its own channel; put B on A's by starting it afresh would be slower,
-        # so A and B here only share the Redis server: B is the witness that Redis came back for others too.
-        with connect(f"{a.url}/chat/{room}?user=alice") as alice:
+    channel = unique("test")
+    with private_redis(tmp_path) as redis, ExitStack() as stack:
+        a, b = (
+            stack.enter_context(spawn_server(
+                "--broker", redis.url, "--broker-channel", channel, "--store", f"sqlite:///{tmp_path / name}.db",
+                *FAST_PRESENCE,
+            ))
+            for name in ("a", "b")
+        )
+        with connect(f"{a.url}/chat/{room}?user=alice") as alice, connect(f"{b.url}/chat/{room}?user=bob") as bob, \
+                connect(f"{b.url}/presence?user=bob") as watch:
+            with connect(f"{a.url}/presence?user=alice"):
+                wait_presence(watch, {"alice", "bob"})  # A and B both hear each other through Redis
             acked: list[str] = []
 
             def send(start: int, count: int) -> None:
@@ -227,16 +233,21 @@ def test_redis_outage_the_server_survives_and_no_acked_message_is_lost(tmp_path:
 
             send(0, 20)
             redis.stop()
-            send(20, 20)  # Redis is down: messages are still stored and acked
-            health = json.loads(_get_status(f"{a.http}/healthz")[1])
-            assert health["backends"]["broker"] == "down"
+            send(20, 20)  # Redis is down: messages are still stored and acked, and wait for the broker
+            status, body = _get_status(f"{a.http}/healthz")
+            assert status == 503 and json.loads(body)["backends"] == {"broker": "down", "store": "up"}
             redis.start()
             _wait_healthy(a.http)
             _wait_healthy(b.http)
             send(40, 20)
             alice.send('{"event":"history","limit":100}')
-            history = recv_json(alice)["messages"]
-            assert [m["id"] for m in history] == acked
+            assert [m["id"] for m in recv_json(alice)["messages"]] == acked  # every acked message, in order
+            # B got every message exactly once and in order, those sent during the outage included
+            # (A's queue and replay ring); nothing follows but the answer to our history request.
+            got = [recv_json(bob)["id"] for _ in range(60)]
+            assert got == acked
+            bob.send('{"event":"history","limit":100}')
+            assert [m["id"] for m in recv_json(bob)["messages"]] == acked  # B's own store has them too
         assert a.process.poll() is None and b.process.poll() is None
 
 
@@ -253,3 +264,30 @@ def _wait_healthy(http: str) -> None:
     while _get_status(f"{http}/healthz")[0] != 200:
         assert time.monotonic() < deadline, "never reconnected"
         time.sleep(0.1)
+
+
+def test_a_subscriber_that_drops_out_gets_what_it_missed_replayed(tmp_path: Path) -> None:
+    """Redis forgets pub/sub messages nobody is subscribed to; the publisher's replay ring fills the gap."""
+    import redis as redis_client
+
+    room = unique("room")
+    channel = unique("test")
+    with private_redis(tmp_path) as redis, ExitStack() as stack:
+        a, b = (
+            stack.enter_context(spawn_server(
+                "--broker", redis.url, "--broker-channel", channel, "--store", "memory", *FAST_PRESENCE,
+            ))
+            for _ in range(2)
+        )
+        with connect(f"{a.url}/chat/{room}?user=alice") as alice, connect(f"{b.url}/chat/{room}?user=bob") as bob, \
+                connect(f"{b.url}/presence?user=bob") as watch:
+            with connect(f"{a.url}/presence?user=alice"):
+                wait_presence(watch, {"alice", "bob"})
+            ids = []
+            for i in range(60):
+                if i in (10, 25, 40):  # every subscriber connection goes; the publishing connections stay
+                    redis_client.Redis.from_url(redis.url).client_kill_filter(_type="pubsub")
+                alice.send(json.dumps({"event": "message", "text": f"m{i}", "ref": i}))
+                ids.append(recv_json(alice)["id"])
+            got = [recv_json(bob)["id"] for _ in range(60)]
+            assert got == ids
