@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jwt
 import pytest
@@ -291,3 +292,42 @@ def test_a_subscriber_that_drops_out_gets_what_it_missed_replayed(tmp_path: Path
                 ids.append(recv_json(alice)["id"])
             got = [recv_json(bob)["id"] for _ in range(60)]
             assert got == ids
+
+
+def test_the_database_going_away_and_coming_back_loses_no_acked_message() -> None:
+    from tests.services import CuttableProxy
+
+    base = require(DATABASE_URL, 5432, "PostgreSQL")
+    parts = urlsplit(base)
+    proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy.start()
+    url, schema = postgres_schema(base)
+    url = url.replace(parts.netloc, f"{parts.username + '@' if parts.username else ''}127.0.0.1:{proxy.port}")
+    room = unique("room")
+    try:
+        with spawn_server("--store", url, "--rate-limit", "0") as server, \
+                connect(f"{server.url}/chat/{room}?user=alice") as alice:
+            outcome: dict[str, list[str]] = {"ack": [], "error": []}
+
+            def send(start: int, count: int) -> None:
+                for i in range(start, start + count):
+                    alice.send(json.dumps({"event": "message", "text": f"m{i}", "ref": i}))
+                for _ in range(count):
+                    event = recv_json(alice, 30)
+                    outcome[event["event"]].append(event.get("id", ""))
+
+            send(0, 10)
+            proxy.cut()
+            send(10, 10)  # the first batch fails, is retried, then given up; then messages are refused
+            assert _get_status(f"{server.http}/healthz")[0] == 503
+            proxy.start()
+            _wait_healthy(server.http)
+            send(20, 10)
+            assert (len(outcome["ack"]), len(outcome["error"])) == (20, 10)  # the ten sent while it was down
+            alice.send('{"event":"history","limit":100}')
+            stored = [m["id"] for m in recv_json(alice)["messages"]]
+            assert set(outcome["ack"]) <= set(stored)  # every acked message is in the database
+        assert server.process.returncode == 0
+    finally:
+        proxy.cut()
+        drop_schema(base, schema)
