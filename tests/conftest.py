@@ -31,7 +31,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 def start_in_process(backend: str, *flags: str) -> Iterator[InProcessServer]:
-    args = shell_module.build_parser().parse_args(["--port", "0", "--backend", backend, *flags])
+    # the memory store unless a test asks for another: test servers must not share ./hubbub.db
+    args = shell_module.build_parser().parse_args(["--port", "0", "--backend", backend, "--store", "memory", *flags])
     with start_blocking_portal(backend) as portal:
         future, (shell, port) = portal.start_task(partial(shell_module.serve, args, handle_signals=False))
         try:

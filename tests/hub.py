@@ -92,19 +92,19 @@ class Hub:
     """A ``core.Server`` with the real routes, a settable clock and in-memory peers.
 
     Like a shell, ``pump`` carries out the core's effects: ``Stored`` goes to a
-    ``MemoryStore`` and is acked at once (set ``hold_writes`` to keep them in
-    ``held`` instead and answer them yourself), ``History`` is answered from it,
-    and everything else lands in ``effects``.
+    ``MemoryStore`` and is acked at once (an ack means stored), ``History`` is
+    answered from it, and every effect is kept in ``effects``. With
+    ``carry_out=False`` the effects stay in the core for the test to take with
+    ``server.effects()`` and answer itself.
     """
 
-    def __init__(self, verifier: Any = None, **config: Any) -> None:
+    def __init__(self, verifier: Any = None, carry_out: bool = True, **config: Any) -> None:
         self.config = core.Config(**config)
         self.server = core.Server(build_router(self.config), self.config, verifier=verifier)
         self.now = 1_700_000_000.0
         self.peers: dict[core.Connection, Peer] = {}
         self.store = MemoryStore()
-        self.hold_writes = False
-        self.held: list[core.Stored] = []
+        self.carry_out = carry_out
         self.effects: list[core.Effect] = []
 
     def join(self, target: str, **kwargs: Any) -> Peer:
@@ -112,10 +112,9 @@ class Hub:
 
     def pump(self) -> None:
         server = self.server
-        for effect in server.effects():
-            if isinstance(effect, core.Stored) and self.hold_writes:
-                self.held.append(effect)
-            elif isinstance(effect, core.Stored):
+        for effect in server.effects() if self.carry_out else ():
+            self.effects.append(effect)
+            if isinstance(effect, core.Stored):
                 self.store.add(effect.room, effect.message)
                 if effect.ack is not None:
                     server.ack([effect.ack])
@@ -123,8 +122,6 @@ class Hub:
                 server.history_reply(
                     effect.conn_id, effect.room, self.store.history(effect.room, effect.limit, effect.before)
                 )
-            else:
-                self.effects.append(effect)
         for conn in self.server.pending():
             data = conn.data_to_send()
             if data:

@@ -23,13 +23,12 @@ def token(**claims: object) -> str:
 
 
 def test_ack_waits_for_the_store_and_others_get_the_message_at_once() -> None:
-    hub = Hub()
-    hub.hold_writes = True
+    hub = Hub(carry_out=False)
     alice, bob = hub.join("/chat/r?user=alice"), hub.join("/chat/r?user=bob")
     alice.send_json({"event": "message", "text": "hi", "ref": 7})
     assert [e["text"] for e in bob.json()] == ["hi"]
     assert alice.json() == []  # not stored yet: no ack
-    [stored] = hub.held
+    [stored] = [e for e in hub.server.effects() if isinstance(e, core.Stored)]
     assert stored.ack == core.Ack(alice.conn.id, 7, stored.message["id"])
     hub.server.ack([stored.ack])
     hub.pump()
@@ -37,11 +36,10 @@ def test_ack_waits_for_the_store_and_others_get_the_message_at_once() -> None:
 
 
 def test_a_message_the_store_lost_is_reported_unavailable() -> None:
-    hub = Hub()
-    hub.hold_writes = True
+    hub = Hub(carry_out=False)
     alice = hub.join("/chat/r?user=alice")
     alice.send_json({"event": "message", "text": "hi", "ref": "a"})
-    [stored] = hub.held
+    [stored] = [e for e in hub.server.effects() if isinstance(e, core.Stored)]
     hub.server.unavailable([stored.ack], "store down")
     hub.pump()
     [error] = alice.json()
