@@ -477,10 +477,10 @@ async def serve(
     args: argparse.Namespace, *, handle_signals: bool = True, task_status: Any = anyio.TASK_STATUS_IGNORED
 ) -> None:
     """Listen and serve; with ``handle_signals``, SIGINT/SIGTERM shut down cleanly (main thread only)."""
-    from backends.metrics import Metrics
+    from backends.metrics import PrometheusMetrics
 
     config = config_from(args)
-    metrics = Metrics()
+    metrics = PrometheusMetrics()
     store = open_store(args.store)
     broker = open_broker(
         args.broker, config.node, channel=args.broker_channel, presence_ttl=config.presence_ttl,

@@ -95,12 +95,13 @@ class MemoryBroker:
 class Peer:
     """What this instance has received from another node's message stream."""
 
-    __slots__ = ("gap_since", "next", "pending")
+    __slots__ = ("gap_since", "heard", "next", "pending")
 
     def __init__(self, next_seq: int) -> None:
         self.next = next_seq  # the q we deliver next
         self.pending: dict[int, tuple[str, Any]] = {}  # q -> (room, message), waiting behind a gap
         self.gap_since: float | None = None
+        self.heard = time.monotonic()
 
 
 class PubSubBroker:
@@ -240,6 +241,7 @@ class PubSubBroker:
         peer = self._peers.get(node)
         if peer is None:  # the first we hear of it: its stream starts here for us
             peer = self._peers[node] = Peer(seq)
+        peer.heard = time.monotonic()
         if seq < peer.next or seq in peer.pending:
             return  # a repeat (a replay, or a batch sent again after an outage)
         if seq > peer.next:
@@ -272,13 +274,16 @@ class PubSubBroker:
         if peer.pending:
             peer.gap_since = time.monotonic()
 
-    async def _close_gaps(self, sink: Sink) -> None:
+    async def _close_gaps(self, sink: Sink, forget_after: float = 3600.0) -> None:
+        """Give up gaps no replay filled; forget nodes silent for an hour (a restart is a new node)."""
         while True:
             await anyio.sleep(self.gap_timeout / 4)
             now = time.monotonic()
             for node, peer in list(self._peers.items()):
                 if peer.gap_since is not None and now - peer.gap_since >= self.gap_timeout:
                     self._skip_gap(sink, node, peer)
+                elif not peer.pending and now - peer.heard > forget_after:
+                    del self._peers[node]
 
     def _request_replay(self, marks: Mapping[str, int]) -> None:
         self._control.append(_encode({"n": self.node, "s": marks}).encode())

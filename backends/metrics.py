@@ -66,7 +66,7 @@ class CoreCollector(Collector):
                                   value=self.broker.lost)
 
 
-class Metrics:
+class PrometheusMetrics:
     """The registry of one server and the latency histograms the shell observes into."""
 
     def __init__(self) -> None:
