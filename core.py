@@ -111,6 +111,10 @@ class Config:
     )
     compression: bool = _setting(True, "negotiate permessage-deflate when the client offers it")
     compression_min_size: int = _setting(128, "outbound messages smaller than this are not compressed")
+    compression_level: int = _setting(
+        6, "zlib level for outbound compressed messages, 1 (fastest) to 9 (smallest). On large text (JSON, "
+        "HTML, prose) 1 takes a fifth of the CPU of 6 for about 18 percent more bytes"
+    )
     presence_window: float = _setting(0.05, "seconds over which presence joins and leaves coalesce into one diff")
     history_max: int = _setting(100, "largest limit a history request may ask for")
     node: str = _setting("0000", "this instance's tag inside message ids, so instances never collide")
@@ -232,9 +236,9 @@ def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
     return _pack_long(first, 127, n) + payload
 
 
-def deflate(payload: bytes, window_bits: int) -> bytes:
+def deflate(payload: bytes, window_bits: int, level: int = zlib.Z_DEFAULT_COMPRESSION) -> bytes:
     """Compress one whole message with a fresh context (server_no_context_takeover)."""
-    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -window_bits)
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -window_bits)
     data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
     return data[:-4] if data.endswith(_DEFLATE_TAIL) else data
 
@@ -242,14 +246,15 @@ def deflate(payload: bytes, window_bits: int) -> bytes:
 class OutboundMessage:
     """One outgoing message, encoded once and compressed at most once per window size."""
 
-    __slots__ = ("_deflated", "_min_size", "opcode", "payload", "plain")
+    __slots__ = ("_deflated", "_level", "_min_size", "opcode", "payload", "plain")
 
-    def __init__(self, opcode: int, payload: bytes, min_compress: int) -> None:
+    def __init__(self, opcode: int, payload: bytes, min_compress: int, level: int) -> None:
         self.opcode = opcode
         self.payload = payload
         self.plain = encode_frame(opcode, payload)
         self._deflated: dict[int, bytes] = {}
         self._min_size = min_compress
+        self._level = level
 
     def frame_for(self, window_bits: int | None) -> bytes:
         """The frame for a recipient that negotiated deflate with these bits (None: not at all)."""
@@ -257,14 +262,16 @@ class OutboundMessage:
             return self.plain
         frame = self._deflated.get(window_bits)
         if frame is None:
-            frame = encode_frame(self.opcode, deflate(self.payload, window_bits), rsv1=True)
+            frame = encode_frame(self.opcode, deflate(self.payload, window_bits, self._level), rsv1=True)
             self._deflated[window_bits] = frame
         return frame
 
 
-def text_message(payload: Mapping[str, Any], min_compress: int) -> OutboundMessage:
+def text_message(payload: Mapping[str, Any], config: Config) -> OutboundMessage:
     """A JSON event as an outgoing text message."""
-    return OutboundMessage(_TEXT, _encode_json(payload).encode(), min_compress)
+    return OutboundMessage(
+        _TEXT, _encode_json(payload).encode(), config.compression_min_size, config.compression_level
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -322,7 +329,9 @@ class SizeLimit(Extension):
     """Counts each message's payload (after inflating) across fragments; 1009 beyond the limit.
 
     wsproto enforces no message size; this rides in its extension chain after
-    permessage-deflate, claims no RSV bit and is always enabled.
+    permessage-deflate, claims no RSV bit and is always enabled. wsproto passes
+    control frames (ping, pong, close) through the chain too: they are not part
+    of the message, so they are not counted.
     """
 
     name = "hubbub-size-limit"
@@ -331,6 +340,7 @@ class SizeLimit(Extension):
         self.max_size = max_size
         self.size = 0
         self.compressed = False
+        self.control = False
 
     def enabled(self) -> bool:
         return True
@@ -344,8 +354,9 @@ class SizeLimit(Extension):
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             self.size = 0
             self.compressed = rsv.rsv1
+        self.control = opcode.iscontrol()
         if (
-            not opcode.iscontrol()
+            not self.control
             and not self.compressed
             and self.size + payload_length > self.max_size
         ):
@@ -353,6 +364,8 @@ class SizeLimit(Extension):
         return RsvBits(False, False, False)
 
     def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        if self.control:
+            return data
         self.size += len(data)
         if self.size > self.max_size:
             return CloseReason.MESSAGE_TOO_BIG
@@ -402,6 +415,8 @@ class Endpoint:
     on_raw: Callable[[Connection, str | bytes], None] | None = None
     max_message_size: int | None = None
     """Overrides ``Config.max_message_size`` for this route (None: the config's)."""
+    max_buffer: int | None = None
+    """Raises ``Config.max_buffer`` for this route (None: the config's), e.g. to hold one whole echo."""
     name: str = ""
     rooms: Callable[[Mapping[str, str]], Iterable[str]] | None = None
     """The rooms a connection joins, from its route params: checked against a token's ``rooms`` claim."""
@@ -580,15 +595,16 @@ class Connection:
     def send(self, payload: Mapping[str, Any]) -> None:
         """Send one JSON event to this connection."""
         if self.state is State.OPEN:
-            self._queue(text_message(payload, self.server.config.compression_min_size))
+            self._queue(text_message(payload, self.server.config))
 
     def send_message(self, message: str | bytes) -> None:
         """Send a text (str) or binary (bytes) message as it is."""
         if self.state is State.OPEN:
+            cfg = self.server.config
             if isinstance(message, str):
-                self._queue(OutboundMessage(_TEXT, message.encode(), self.server.config.compression_min_size))
+                self._queue(OutboundMessage(_TEXT, message.encode(), cfg.compression_min_size, cfg.compression_level))
             else:
-                self._queue(OutboundMessage(_BINARY, bytes(message), self.server.config.compression_min_size))
+                self._queue(OutboundMessage(_BINARY, bytes(message), cfg.compression_min_size, cfg.compression_level))
 
     def error(self, code: str, detail: str) -> None:
         self.send({"event": "error", "code": code, "detail": detail})
@@ -779,7 +795,7 @@ class Server:
         target = self.rooms.get(room)
         if target is None:
             return 0
-        message = text_message(payload, self.config.compression_min_size)
+        message = text_message(payload, self.config)
         plain = message.plain
         limit = self.config.max_buffer
         pending = self._pending
@@ -1336,10 +1352,13 @@ class Server:
 
     def _settle(self) -> None:
         """After each input: fail the slow consumers it produced."""
+        default = self.config.max_buffer
         while self._slow:
             slow, self._slow = self._slow, []
             for conn in slow:
-                if conn.state is State.OPEN and conn.outbound_size > self.config.max_buffer:
+                endpoint = conn.endpoint
+                limit = max(default, endpoint.max_buffer or 0) if endpoint is not None else default
+                if conn.state is State.OPEN and conn.outbound_size > limit:
                     # It is not reading: drop what it has not taken and fail it with 1013.
                     conn.outbound.clear()
                     conn.outbound_size = 0
@@ -1396,7 +1415,7 @@ class Server:
         """Send the window's net joins and leaves; newcomers get only what followed their state."""
         joins, leaves = room.diff()
         shared = text_message(
-            {"event": "presence_diff", "joins": joins, "leaves": leaves}, self.config.compression_min_size
+            {"event": "presence_diff", "joins": joins, "leaves": leaves}, self.config
         )
         for member in room.members:
             mark = room._marks.get(member)

@@ -13,5 +13,5 @@ def build_router(config: Config) -> Router:
     router.add("/chat", chat.endpoint)
     router.add("/chat/{room}", chat.endpoint)
     router.add("/presence", presence.endpoint)
-    router.add("/echo", echo.build(config.max_echo_message_size))
+    router.add("/echo", echo.build(config.max_echo_message_size, config.max_buffer))
     return router

@@ -13,5 +13,9 @@ def on_raw(conn: Connection, message: str | bytes) -> None:
     conn.send_message(message)
 
 
-def build(max_message_size: int) -> Endpoint:
-    return Endpoint(name="echo", on_raw=on_raw, max_message_size=max_message_size)
+def build(max_message_size: int, max_buffer: int) -> Endpoint:
+    """The echo route: messages up to ``max_message_size``, and an outbound buffer that holds one
+    such message on top of the usual ``max_buffer`` backlog (else any echo over max_buffer is 1013)."""
+    return Endpoint(
+        name="echo", on_raw=on_raw, max_message_size=max_message_size, max_buffer=max_buffer + max_message_size
+    )
