@@ -537,6 +537,7 @@ class Connection:
         "query",
         "rooms",
         "server",
+        "shell",
         "state",
         "status",
         "user",
@@ -559,6 +560,7 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.deflate_bits: int | None = None
+        self.shell: Any = None  # the shell's own object for this connection (its socket or transport)
         self._http: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=server.config.max_header_bytes
         )
@@ -626,23 +628,24 @@ class Connection:
     # -- internals ---------------------------------------------------------
 
     def _queue(self, message: OutboundMessage) -> None:
-        frame = message.frame_for(self.deflate_bits)
-        self.outbound.append(frame)
-        self.outbound_size += len(frame)
+        self._queue_raw(message.frame_for(self.deflate_bits))
+
+    def _queue_raw(self, data: bytes) -> None:
+        """This connection's own output (events, control frames, HTTP answers), after what its rooms
+        broadcast to it so far in this pass; pongs to a ping flood count against the buffer too."""
+        if data:
+            for room in self.rooms:
+                if room._batch is not None and self not in room._detached:
+                    self.server._detach(room, self)
+            self._append(bytes(data))
+
+    def _append(self, data: bytes) -> None:
+        self.outbound.append(data)
+        self.outbound_size += len(data)
         server = self.server
         server._pending[self] = None
         if self.outbound_size > server.config.max_buffer:
             server._slow.append(self)
-
-    def _queue_raw(self, data: bytes) -> None:
-        """Control frames and HTTP answers; pongs to a ping flood count against the buffer too."""
-        if data:
-            self.outbound.append(bytes(data))
-            self.outbound_size += len(data)
-            server = self.server
-            server._pending[self] = None
-            if self.outbound_size > server.config.max_buffer:
-                server._slow.append(self)
 
 
 # ---------------------------------------------------------------------------
@@ -651,13 +654,38 @@ class Connection:
 
 
 class Room:
-    """Members of one named room, and, for presence rooms, who is in it."""
+    """Members of one named room, and, for presence rooms, who is in it.
 
-    __slots__ = ("_flush_at", "_log", "_marks", "members", "name", "presence", "users")
+    Broadcasts of one pass (one input, or one ``tick``) collect in the room's batch, one
+    list of frames per compression group, and leave as one bytes object shared by every
+    member of the group (``Server.take_shared``): a pipelining sender's messages cost each
+    recipient one write per pass, not one per message. Members that must not take the
+    whole batch (the sender it excludes, a member that joined mid-pass or got output of its
+    own in between) are *detached* for the rest of the pass and get frames one by one; so are
+    members of several rooms, whose frames must keep their order across rooms.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_detached",
+        "_flush_at",
+        "_log",
+        "_marks",
+        "_multi",
+        "groups",
+        "members",
+        "name",
+        "presence",
+        "users",
+    )
 
     def __init__(self, name: str, presence: bool) -> None:
         self.name = name
         self.members: dict[Connection, None] = {}
+        self.groups: dict[int | None, dict[Connection, None]] = {}  # deflate window bits (None: off) -> members
+        self._batch: dict[int | None, list[bytes]] | None = None  # this pass's frames per group, while open
+        self._detached: dict[Connection, None] = {}  # members served one frame at a time until the pass ends
+        self._multi: dict[Connection, None] = {}  # members of other rooms too: detached in every pass
         self.presence = presence
         self.users: dict[str, int] = {}  # user -> open connections in this room
         self._log: list[tuple[str, bool]] = []  # (user, joined) in this presence window
@@ -717,6 +745,7 @@ class Server:
         self._http_routes = {"/healthz": Server._healthz, **(http_routes or {})}
         self._next_id = 1
         self._pending: dict[Connection, None] = {}
+        self._batched: list[Room] = []  # rooms with broadcasts in this pass, for take_shared
         self._slow: list[Connection] = []
         self._effects: list[Effect] = []
         self._timers: list[tuple[float, int, int, Any, int]] = []
@@ -765,12 +794,40 @@ class Server:
         return timers[0][0] if timers else None
 
     def pending(self) -> list[Connection]:
-        """Connections that gained output or closed since the last call."""
+        """Connections that gained output or closed since the last call.
+
+        Room broadcasts not taken with ``take_shared`` are queued to each member first,
+        so a shell that only calls ``pending`` and ``data_to_send`` sees everything."""
+        if self._batched:
+            for data, members in self._take_batches():
+                for member in members:
+                    member._append(data)
+        self._settle()
         if not self._pending:
             return []
         conns = list(self._pending)
         self._pending.clear()
         return conns
+
+    def take_shared(self) -> list[tuple[bytes, list[Connection]]]:
+        """This pass's room broadcasts: (bytes, the connections that take exactly those bytes).
+
+        The fast write path: one bytes object per room and compression group, written as it
+        is to each listed connection's socket. Call it before ``pending``: output a connection
+        gained before its room's first broadcast of the pass is in ``pending`` and must be
+        written first; anything later was queued in order there and the connection is not
+        listed here. A connection whose socket cannot take the bytes now gets them through
+        ``enqueue``."""
+        shared = self._take_batches()
+        for data, members in shared:
+            self.metrics.bytes_out += len(data) * len(members)
+        return shared
+
+    def enqueue(self, conn: Connection, data: bytes) -> None:
+        """Queue shared bytes the shell could not write now (its socket is full), behind the
+        connection's own output; they count against ``max_buffer`` (``pending`` closes it with 1013)."""
+        if conn.state is State.OPEN:
+            conn._append(data)
 
     def effects(self) -> list[Effect]:
         """Work for the shell's backends since the last call (store, history, logs)."""
@@ -790,30 +847,65 @@ class Server:
     def broadcast(self, room: str, payload: Mapping[str, Any], exclude: Connection | None = None) -> int:
         """Send one JSON event to every member of ``room`` but ``exclude``; returns the recipients.
 
-        The event is serialised once; each recipient costs a buffer append.
+        The event is serialised once (and compressed once per window size) and added to the
+        room's batch for this pass; see ``Room`` and ``take_shared``. Nothing here is per recipient
+        but the members detached for this pass.
         """
         target = self.rooms.get(room)
         if target is None:
             return 0
         message = text_message(payload, self.config)
-        plain = message.plain
-        limit = self.config.max_buffer
-        pending = self._pending
-        slow = self._slow
-        count = 0
-        for member in target.members:
-            if member is exclude:
-                continue
-            frame = plain if member.deflate_bits is None else message.frame_for(member.deflate_bits)
-            member.outbound.append(frame)
-            size = member.outbound_size + len(frame)
-            member.outbound_size = size
-            pending[member] = None
-            if size > limit:
-                slow.append(member)
-            count += 1
+        batch = target._batch
+        if batch is None:
+            batch = target._batch = {}
+            self._batched.append(target)
+            if target._multi:
+                target._detached.update(target._multi)
+        detached = target._detached
+        count = len(target.members)
+        if exclude is not None and exclude in target.members:
+            count -= 1
+            if exclude not in detached:
+                self._detach(target, exclude)
+        for bits in target.groups:
+            frames = batch.get(bits)
+            if frames is None:
+                batch[bits] = [message.frame_for(bits)]
+            else:
+                frames.append(message.frame_for(bits))
+        for member in detached:
+            if member is not exclude:
+                member._append(message.frame_for(member.deflate_bits))
         self.metrics.deliveries += count
         return count
+
+    def _detach(self, room: Room, conn: Connection) -> None:
+        """From now until the pass ends, ``conn`` takes ``room``'s frames one by one (it gets the
+        frames batched so far at once), so its own output and exclusions keep their order."""
+        assert room._batch is not None
+        room._detached[conn] = None
+        frames = room._batch.get(conn.deflate_bits)
+        if frames:
+            conn._append(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _take_batches(self) -> list[tuple[bytes, list[Connection]]]:
+        shared: list[tuple[bytes, list[Connection]]] = []
+        for room in self._batched:
+            batch, room._batch = room._batch, None
+            detached = room._detached
+            if detached:
+                room._detached = {}
+            if batch is None:
+                continue
+            for bits, frames in batch.items():
+                group = room.groups.get(bits)
+                if not group:
+                    continue
+                members = [m for m in group if m not in detached] if detached else list(group)
+                if members:
+                    shared.append((frames[0] if len(frames) == 1 else b"".join(frames), members))
+        self._batched.clear()
+        return shared
 
     def deliver(self, room: str, payload: Mapping[str, Any], node: str | None = None) -> int | None:
         """A message from the broker (another instance) for the local members of ``room``.
@@ -1005,13 +1097,16 @@ class Server:
     def _handle_request(self, conn: Connection, request: h11.Request, trailing: bytes) -> None:
         cfg = self.config
         headers: dict[bytes, bytes] = {}
-        for name, value in request.headers:
+        head_size = len(request.target)
+        raw_items = request.headers.raw_items()  # a list: iterating h11's Headers itself is slow
+        for raw_name, value in raw_items:
+            name = raw_name.lower()
             headers[name] = headers[name] + b", " + value if name in headers else value
-        if len(request.headers) > cfg.max_headers:
+            head_size += len(name) + len(value) + 4
+        if len(raw_items) > cfg.max_headers:
             self._answer(conn, 431, "too many headers\n")
             return
         # h11 bounds only a head still arriving; one that arrived whole in a single read is measured here
-        head_size = len(request.target) + sum(len(name) + len(value) + 4 for name, value in request.headers)
         if head_size > cfg.max_header_bytes:
             self._answer(conn, 431, "request line and headers too large\n")
             return
@@ -1359,7 +1454,11 @@ class Server:
                 endpoint = conn.endpoint
                 limit = max(default, endpoint.max_buffer or 0) if endpoint is not None else default
                 if conn.state is State.OPEN and conn.outbound_size > limit:
-                    # It is not reading: drop what it has not taken and fail it with 1013.
+                    # It is not reading: drop what it has not taken (its rooms' batches of this
+                    # pass included) and fail it with 1013.
+                    for room in conn.rooms:
+                        if room._batch is not None:
+                            room._detached[conn] = None
                     conn.outbound.clear()
                     conn.outbound_size = 0
                     self.metrics.slow_consumers += 1
@@ -1376,7 +1475,18 @@ class Server:
         if conn in room.members:
             return room
         room.members[conn] = None
+        group = room.groups.get(conn.deflate_bits)
+        if group is None:
+            group = room.groups[conn.deflate_bits] = {}
+        group[conn] = None
+        if room._batch is not None:
+            room._detached[conn] = None  # it must not get what was broadcast before it joined
         conn.rooms.append(room)
+        if len(conn.rooms) > 1:
+            for each in conn.rooms:
+                each._multi[conn] = None
+                if each._batch is not None and conn not in each._detached:
+                    self._detach(each, conn)
         user = conn.user
         count = room.users.get(user, 0)
         room.users[user] = count + 1
@@ -1391,6 +1501,13 @@ class Server:
 
     def _leave(self, conn: Connection, room: Room) -> None:
         room.members.pop(conn, None)
+        group = room.groups.get(conn.deflate_bits)
+        if group is not None:
+            group.pop(conn, None)
+            if not group:
+                del room.groups[conn.deflate_bits]
+        room._detached.pop(conn, None)
+        room._multi.pop(conn, None)
         room._marks.pop(conn, None)
         user = conn.user
         count = room.users.get(user, 0) - 1

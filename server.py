@@ -21,6 +21,7 @@ through ``Server.deliver`` and ``Server.remote_presence``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import importlib.util
 import logging
@@ -44,18 +45,147 @@ log = logging.getLogger("hubbub")
 
 RECV_SIZE = 256 * 1024
 LINGER = 2.0  # seconds we keep reading after our FIN, so the peer sees our close frame, not a reset
+HIGH_WATER = 256 * 1024  # bytes a transport buffers before the core keeps the rest (counted against --max-buffer)
 
 
-class Socket:
-    """The shell's side of one connection: its socket and what the kernel would not take yet."""
+def _on_asyncio() -> bool:
+    """True when anyio runs on asyncio (uvloop included), where connections take the Protocol fast path."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
-    __slots__ = ("drain", "scope", "sock", "unsent")
 
-    def __init__(self, sock: socket.socket) -> None:
+class TransportLink(asyncio.Protocol):
+    """One connection on the asyncio backend: a Protocol on its transport, no task of its own.
+
+    Bytes go straight from ``data_received`` into the core, and out through ``transport.write``
+    (uvloop's, when installed, writes at once and buffers only what the kernel refuses). Past
+    ``HIGH_WATER`` buffered bytes the transport pauses us: the core keeps what follows, counted
+    against ``--max-buffer``, until ``resume_writing``.
+    """
+
+    __slots__ = ("_linger", "blocked", "conn", "peer", "send", "shell", "transport")
+
+    def __init__(self, shell: Shell) -> None:
+        self.shell = shell
+        self.blocked = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.send = transport.write
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.peer = transport.get_extra_info("peername")
+        shell = self.shell
+        self.conn = conn = shell.server.connect(self.peer, time.time())
+        conn.shell = self
+        shell.links[conn] = self
+        log.debug("conn %d %s: connected", conn.id, self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        shell = self.shell
+        shell.server.receive(self.conn, data, time.time())
+        shell._after_input()
+
+    def eof_received(self) -> bool:
+        if not self.conn.closed:
+            self.shell.server.receive(self.conn, b"", time.time())
+            self.shell._after_input()
+        return False  # the transport closes once what it buffered is written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        shell = self.shell
+        conn = self.conn
+        shell.links.pop(conn, None)
+        if self._linger is not None:
+            self._linger.cancel()
+        if not conn.closed:
+            shell.server.receive(conn, b"", time.time())
+            shell._after_input()
+        shell._log_end(conn, self.peer)
+
+    def pause_writing(self) -> None:
+        self.blocked = True
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        data = self.conn.data_to_send()
+        if data:
+            self.send(data)
+        if self.conn.closed:
+            self.finish()
+
+    def finish(self) -> None:
+        """The core closed the connection: write the rest, send FIN, and keep reading until the
+        peer closes too (or ``LINGER`` passes), so it sees our close frame rather than a reset."""
+        transport = self.transport
+        if transport.is_closing() or self._linger is not None:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            transport.write(data)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(LINGER, transport.abort)
+        else:
+            transport.close()
+
+
+class SocketLink:
+    """One connection on any anyio backend (trio included): a task that reads its socket, and
+    non-blocking sends; only while the kernel buffer is full does a drain task wait to write."""
+
+    __slots__ = ("blocked", "conn", "drain", "scope", "shell", "sock", "unsent")
+
+    def __init__(self, shell: Shell, conn: core.Connection, sock: socket.socket) -> None:
+        self.shell = shell
+        self.conn = conn
         self.sock = sock
         self.unsent = b""
+        self.blocked = False  # a drain task owns the socket's writes
         self.scope = anyio.CancelScope()  # the connection's task; cancelled when the core closes it
-        self.drain: anyio.CancelScope | None = None  # the drain task, while the kernel buffer is full
+        self.drain: anyio.CancelScope | None = None
+
+    def send(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the reader sees the error and closes the connection
+        if sent < len(data):
+            self.unsent = data[sent:]
+            self.blocked = True
+            self.drain = anyio.CancelScope()
+            assert self.shell._tg is not None
+            self.shell._tg.start_soon(self._drain)
+
+    def finish(self) -> None:
+        self.scope.cancel()  # the connection's task writes the rest and closes
+
+    async def _drain(self) -> None:
+        """A slow reader: wait for room in its socket, then keep pulling from the core."""
+        sock = self.sock
+        conn = self.conn
+        assert self.drain is not None
+        try:
+            with self.drain:
+                while self.unsent and not conn.closed:
+                    await anyio.wait_writable(sock)
+                    try:
+                        sent = sock.send(self.unsent)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    self.unsent = self.unsent[sent:]
+                    if not self.unsent:
+                        self.unsent = conn.data_to_send()
+        except (OSError, anyio.ClosedResourceError):
+            pass  # the connection's own task sees the socket fail and closes it
+        finally:
+            self.drain = None
+            self.blocked = False
 
 
 class Shell:
@@ -80,12 +210,13 @@ class Shell:
             on_status=self._on_store_status,
             observe=metrics.observer("store") if metrics is not None else None,
         )
-        self.sockets: dict[core.Connection, Socket] = {}
+        self.links: dict[core.Connection, TransportLink | SocketLink] = {}
         self._flush_needed = anyio.Event()
         self._timer_wake = anyio.Event()
         self._timer_at = float("inf")
         self._tg: TaskGroup | None = None
         self.listener: socket.socket | None = None
+        self._asyncio_server: asyncio.AbstractServer | None = None
 
     # -- tasks --------------------------------------------------------------
 
@@ -94,7 +225,11 @@ class Shell:
         self.listener = listener
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._accept_loop, listener)
+            if _on_asyncio():
+                loop = asyncio.get_running_loop()
+                self._asyncio_server = await loop.create_server(lambda: TransportLink(self), sock=listener)
+            else:
+                tg.start_soon(self._accept_loop, listener)
             tg.start_soon(self._flusher)
             tg.start_soon(self._timers)
             tg.start_soon(self.writer.run)
@@ -107,14 +242,19 @@ class Shell:
 
     async def shutdown(self, grace: float = 2.0) -> None:
         """Stop accepting, close every client with 1001, give them ``grace`` seconds to answer."""
-        if self.listener is not None:
+        if self._asyncio_server is not None:
+            self._asyncio_server.close()
+        elif self.listener is not None:
             anyio.notify_closing(self.listener)
             self.listener.close()
         self.server.close_all(1001, "server shutting down")
         self._flush()
         with anyio.move_on_after(grace):
-            while self.sockets:
+            while self.links:
                 await anyio.sleep(0.02)
+        for link in list(self.links.values()):
+            if isinstance(link, TransportLink):
+                link.transport.abort()
         with anyio.move_on_after(self.writer.retry_for + 1.0):
             await self.writer.drain()  # what was acked or is being written gets its chance
         await self.broker.close()  # presence goodbye: our users leave the others' lists now
@@ -145,10 +285,10 @@ class Shell:
     async def _connection(self, sock: socket.socket, peer: Any) -> None:
         server = self.server
         conn = server.connect(peer, time.time())
-        io = self.sockets[conn] = Socket(sock)
+        link = conn.shell = self.links[conn] = SocketLink(self, conn, sock)
         log.debug("conn %d %s: connected", conn.id, peer)
         try:
-            with io.scope:
+            with link.scope:
                 while not conn.closed:
                     await anyio.wait_readable(sock)
                     try:
@@ -159,24 +299,24 @@ class Shell:
                         data = b""
                     server.receive(conn, data, time.time())
                     self._after_input()
-            await self._close_socket(conn, io)
+            await self._close_socket(conn, link)
         finally:
-            self.sockets.pop(conn, None)
+            self.links.pop(conn, None)
             if not conn.closed:  # cancelled from outside (shutdown): the socket is gone
                 server.receive(conn, b"", time.time())
                 self._after_input()
             sock.close()
             self._log_end(conn, peer)
 
-    async def _close_socket(self, conn: core.Connection, io: Socket) -> None:
+    async def _close_socket(self, conn: core.Connection, link: SocketLink) -> None:
         """Write what is left, send FIN, and read until the peer closes too (or LINGER passes)."""
-        sock = io.sock
-        if io.drain is not None:  # one writer per socket: stop the drain task and take over
-            io.drain.cancel()
-            while io.drain is not None:
+        sock = link.sock
+        if link.drain is not None:  # one writer per socket: stop the drain task and take over
+            link.drain.cancel()
+            while link.drain is not None:
                 await anyio.sleep(0)
-        data = io.unsent + conn.data_to_send()
-        io.unsent = b""
+        data = link.unsent + conn.data_to_send()
+        link.unsent = b""
         with anyio.move_on_after(LINGER):
             while data:
                 try:
@@ -237,54 +377,35 @@ class Shell:
     # -- the write path ---------------------------------------------------------
 
     def _flush(self) -> None:
-        """Carry out effects, then write every connection that gained output: one send each."""
+        """Once per loop pass: carry out effects, then write. Each connection's own output first
+        (it was queued before its rooms' broadcasts of this pass), then each room's broadcasts
+        as one bytes object, the same for every member: one write per connection per room."""
         server = self.server
         if server._effects:
             self._run_effects(server.effects())
-        sockets = self.sockets
-        for conn in server.pending():
-            io = sockets.get(conn)
-            if io is None:
-                continue
-            if conn.closed:
-                io.scope.cancel()  # its task writes the rest and closes
-                continue
-            if io.drain is not None:
-                continue  # the kernel is full; the drain task pulls from the core when it can
-            data = conn.data_to_send()
-            if not data:
-                continue
-            try:
-                sent = io.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                continue  # the reader sees the error and closes the connection
-            if sent < len(data):
-                io.unsent = data[sent:]
-                io.drain = anyio.CancelScope()
-                assert self._tg is not None
-                self._tg.start_soon(self._drain, conn, io)
+        shared = server.take_shared()
+        self._write_pending()
+        for data, members in shared:
+            for conn in members:
+                link = conn.shell
+                if link.blocked:
+                    server.enqueue(conn, data)  # behind what it is still draining
+                else:
+                    link.send(data)
+        if shared:
+            self._write_pending()  # what enqueue kept, and the slow consumers it closed
 
-    async def _drain(self, conn: core.Connection, io: Socket) -> None:
-        """A slow reader: wait for room in its socket, then keep pulling from the core."""
-        sock = io.sock
-        assert io.drain is not None
-        try:
-            with io.drain:
-                while io.unsent and not conn.closed:
-                    await anyio.wait_writable(sock)
-                    try:
-                        sent = sock.send(io.unsent)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    io.unsent = io.unsent[sent:]
-                    if not io.unsent:
-                        io.unsent = conn.data_to_send()
-        except (OSError, anyio.ClosedResourceError):
-            pass  # the connection's own task sees the socket fail and closes it
-        finally:
-            io.drain = None
+    def _write_pending(self) -> None:
+        for conn in self.server.pending():
+            link = conn.shell
+            if link is None or (link.blocked and not conn.closed):
+                continue  # gone, or its drain pulls from the core when the kernel takes more
+            if conn.closed:
+                link.finish()
+                continue
+            data = conn.data_to_send()
+            if data:
+                link.send(data)
 
     def _run_effects(self, effects: list[core.Effect]) -> None:
         presence_changed = False
