@@ -18,6 +18,10 @@ Typical use from an event loop::
         transport_of[c].write(c.data_to_send())
         if c.closed: transport_of[c].close()
     deadline = server.tick(now)             # keepalive, handshake and close timers
+
+A shell that wants the fast path calls ``take_shared()`` before ``pending()``: each
+room's broadcasts of the pass come as one bytes object for many connections (see
+``Room``), written after each connection's own output.
 """
 
 from __future__ import annotations

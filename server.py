@@ -4,11 +4,16 @@ It does and never decides: bytes from each socket go to the core, the core's
 output goes back out, its effects go to the backends. Runs on anyio's asyncio
 backend (with uvloop when installed) or on trio (``--backend trio``).
 
-Write path: after each input the shell wakes one flusher, which runs once per
-loop pass and writes every connection that gained output with one non-blocking
-``send`` each, however many messages it gained; only a socket whose kernel
-buffer is full gets a task that waits for writability. No broadcast ever
-awaits per recipient.
+Connections: on asyncio (uvloop when installed) each one is a ``TransportLink``, an
+asyncio Protocol whose ``data_received`` feeds the core directly (no task, no await per
+read); on trio each one is a ``SocketLink``, a task reading a non-blocking socket.
+
+Write path: after each input the shell wakes one flusher, which runs once per loop pass:
+each connection's own output first, with one write each however many messages it gained,
+then each room's broadcasts of the pass as one bytes object, the very same object written
+to every member (``core.Server.take_shared``). Nothing awaits per recipient: a socket the
+kernel will not take more from is left to its transport (or drain task), and what follows
+stays in the core, counted against ``--max-buffer``.
 
 Effects go to the backends: ``Stored`` and ``History`` to a ``StoreWorker``
 (batched, in a worker thread; acks go back to the core once a batch commits),
