@@ -217,6 +217,8 @@ class Shell:
         )
         self.links: dict[core.Connection, TransportLink | SocketLink] = {}
         self._flush_needed = anyio.Event()
+        self._flush_soon: Any = None  # on asyncio: loop.call_soon, so a pass's flush costs no task switch
+        self._flush_queued = False
         self._timer_wake = anyio.Event()
         self._timer_at = float("inf")
         self._tg: TaskGroup | None = None
@@ -232,10 +234,11 @@ class Shell:
             self._tg = tg
             if _on_asyncio():
                 loop = asyncio.get_running_loop()
+                self._flush_soon = loop.call_soon
                 self._asyncio_server = await loop.create_server(lambda: TransportLink(self), sock=listener)
             else:
                 tg.start_soon(self._accept_loop, listener)
-            tg.start_soon(self._flusher)
+                tg.start_soon(self._flusher)
             tg.start_soon(self._timers)
             tg.start_soon(self.writer.run)
             tg.start_soon(self._store_probe)
@@ -357,11 +360,19 @@ class Shell:
 
     def _after_input(self) -> None:
         """Once per input: queue a flush for this loop pass and re-arm the timer if it moved closer."""
-        if not self._flush_needed.is_set():
+        if self._flush_soon is not None:
+            if not self._flush_queued:
+                self._flush_queued = True
+                self._flush_soon(self._queued_flush)
+        elif not self._flush_needed.is_set():
             self._flush_needed.set()
         deadline = self.server.next_deadline
         if deadline is not None and deadline < self._timer_at:
             self._timer_wake.set()
+
+    def _queued_flush(self) -> None:
+        self._flush_queued = False
+        self._flush()
 
     async def _flusher(self) -> None:
         while True:

@@ -78,8 +78,13 @@ class PrometheusMetrics:
         )
 
     def observer(self, backend: str) -> Callable[[str, float], None]:
+        children: dict[str, Any] = {}
+
         def observe(op: str, seconds: float) -> None:
-            self.latency.labels(backend, op).observe(seconds)
+            child = children.get(op)
+            if child is None:
+                child = children[op] = self.latency.labels(backend, op)
+            child.observe(seconds)
 
         return observe
 
