@@ -905,7 +905,10 @@ class Server:
                 group = room.groups.get(bits)
                 if not group:
                     continue
-                members = [m for m in group if m not in detached] if detached else list(group)
+                members = list(group)
+                for member in detached:  # few: this pass's senders, late joiners, multi-room members
+                    if member in group:
+                        members.remove(member)
                 if members:
                     shared.append((frames[0] if len(frames) == 1 else b"".join(frames), members))
         self._batched.clear()
