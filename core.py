@@ -35,7 +35,7 @@ import json
 import re
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -674,8 +674,8 @@ class Room:
         "_detached",
         "_flush_at",
         "_log",
-        "_marks",
         "_multi",
+        "_newcomers",
         "groups",
         "members",
         "name",
@@ -693,16 +693,16 @@ class Room:
         self.presence = presence
         self.users: dict[str, int] = {}  # user -> open connections in this room
         self._log: list[tuple[str, bool]] = []  # (user, joined) in this presence window
-        self._marks: dict[Connection, int] = {}  # newcomers this window -> log position at join
+        self._newcomers: dict[Connection, None] = {}  # joined in this window: their state comes at its end
         self._flush_at: float | None = None
 
     def user_list(self) -> list[str]:
         return sorted(self.users)
 
-    def diff(self, start: int = 0) -> tuple[list[str], list[str]]:
-        """Net joins and leaves in this window's log from ``start`` on."""
+    def diff(self) -> tuple[list[str], list[str]]:
+        """Net joins and leaves in this window's log."""
         net: dict[str, int] = {}
-        for user, joined in self._log[start:]:
+        for user, joined in self._log:
             net[user] = net.get(user, 0) + (1 if joined else -1)
         joins = sorted(u for u, n in net.items() if n > 0)
         leaves = sorted(u for u, n in net.items() if n < 0)
@@ -858,7 +858,12 @@ class Server:
         target = self.rooms.get(room)
         if target is None:
             return 0
-        message = text_message(payload, self.config)
+        count = self._add_to_batch(target, text_message(payload, self.config), (exclude,) if exclude else ())
+        self.metrics.deliveries += count
+        return count
+
+    def _add_to_batch(self, target: Room, message: OutboundMessage, excluded: Collection[Connection]) -> int:
+        """One message for every member of ``target`` but ``excluded``; returns how many get it."""
         batch = target._batch
         if batch is None:
             batch = target._batch = {}
@@ -866,11 +871,13 @@ class Server:
             if target._multi:
                 target._detached.update(target._multi)
         detached = target._detached
-        count = len(target.members)
-        if exclude is not None and exclude in target.members:
-            count -= 1
-            if exclude not in detached:
-                self._detach(target, exclude)
+        members = target.members
+        count = len(members)
+        for conn in excluded:
+            if conn in members:
+                count -= 1
+                if conn not in detached:
+                    self._detach(target, conn)
         for bits in target.groups:
             frames = batch.get(bits)
             if frames is None:
@@ -878,9 +885,8 @@ class Server:
             else:
                 frames.append(message.frame_for(bits))
         for member in detached:
-            if member is not exclude:
+            if member not in excluded:
                 member._append(message.frame_for(member.deflate_bits))
-        self.metrics.deliveries += count
         return count
 
     def _detach(self, room: Room, conn: Connection) -> None:
@@ -1498,12 +1504,12 @@ class Server:
         count = room.users.get(user, 0)
         room.users[user] = count + 1
         if room.presence:
-            conn.send({"event": "presence_state", "users": self.presence(name)})
+            room._newcomers[conn] = None
             if count == 0:
                 self._presence_changed()
                 if user not in self._remote_users.get(name, ()):
-                    self._presence_event(room, user, True)
-            room._marks[conn] = len(room._log)
+                    room._log.append((user, True))
+            self._open_window(room)
         return room
 
     def _leave(self, conn: Connection, room: Room) -> None:
@@ -1515,7 +1521,7 @@ class Server:
                 del room.groups[conn.deflate_bits]
         room._detached.pop(conn, None)
         room._multi.pop(conn, None)
-        room._marks.pop(conn, None)
+        room._newcomers.pop(conn, None)
         user = conn.user
         count = room.users.get(user, 0) - 1
         if count > 0:
@@ -1531,27 +1537,30 @@ class Server:
 
     def _presence_event(self, room: Room, user: str, joined: bool) -> None:
         room._log.append((user, joined))
+        self._open_window(room)
+
+    def _open_window(self, room: Room) -> None:
         if room._flush_at is None:
             room._flush_at = self._now + self.config.presence_window
             self._schedule(room._flush_at, _PRESENCE, room)
 
     def _flush_presence(self, room: Room) -> None:
-        """Send the window's net joins and leaves; newcomers get only what followed their state."""
+        """End a presence window: members get its net joins and leaves (one shared diff); those
+        who joined during it get the state as it is now instead (one list, encoded once).
+
+        Whatever the burst (a reconnect storm of thousands), a window costs one sort of the
+        users, two encodes and one write per member."""
         joins, leaves = room.diff()
-        shared = text_message(
-            {"event": "presence_diff", "joins": joins, "leaves": leaves}, self.config
-        )
-        for member in room.members:
-            mark = room._marks.get(member)
-            if mark is None:
-                if joins or leaves:
-                    member._queue(shared)
-            else:
-                own_joins, own_leaves = room.diff(mark)
-                if own_joins or own_leaves:
-                    member.send({"event": "presence_diff", "joins": own_joins, "leaves": own_leaves})
+        newcomers = room._newcomers
+        if joins or leaves:
+            diff = {"event": "presence_diff", "joins": joins, "leaves": leaves}
+            self._add_to_batch(room, text_message(diff, self.config), newcomers)
+        if newcomers:
+            state = text_message({"event": "presence_state", "users": self.presence(room.name)}, self.config)
+            for conn in newcomers:
+                conn._queue(state)
         room._log = []
-        room._marks = {}
+        room._newcomers = {}
         room._flush_at = None
         if not room.members:
             self.rooms.pop(room.name, None)

@@ -1,7 +1,8 @@
 """Who is online: ``/presence``.
 
-A newcomer receives the full ``presence_state``; everyone else receives
-``presence_diff`` events coalesced over ``Config.presence_window``. A user with
+Joins and leaves coalesce over ``Config.presence_window``: when the window ends,
+the connections that joined during it receive the full ``presence_state`` and
+everyone else one ``presence_diff`` (see ``core.Server._flush_presence``). A user with
 several connections stays present until the last one closes (the core's
 presence rooms count connections per user).
 """

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import pytest
+
+import core
 from tests.hub import Hub
 
 
-def test_newcomer_gets_state_and_others_get_a_diff_after_the_window() -> None:
+def test_newcomer_gets_state_and_others_get_a_diff_at_the_end_of_the_window() -> None:
     hub = Hub(presence_window=0.05)
     alice = hub.join("/presence?user=alice")
-    assert alice.json() == [{"event": "presence_state", "users": ["alice"]}]
-    hub.advance(0.1)
-    alice.json()
-    bob = hub.join("/presence?user=bob")
-    assert bob.json() == [{"event": "presence_state", "users": ["alice", "bob"]}]
-    assert alice.json() == []  # not before the window closes
+    assert alice.json() == []  # its state comes when the window closes, with everyone who joined in it
     hub.advance(0.06)
+    assert alice.json() == [{"event": "presence_state", "users": ["alice"]}]
+    bob = hub.join("/presence?user=bob")
+    hub.advance(0.01)
+    assert alice.json() == [] and bob.json() == []
+    hub.advance(0.05)
     assert alice.json() == [{"event": "presence_diff", "joins": ["bob"], "leaves": []}]
-    assert bob.json() == []  # its own join is not news to it
+    assert bob.json() == [{"event": "presence_state", "users": ["alice", "bob"]}]  # no diff: the state has it
 
 
 def test_joins_and_leaves_within_one_window_coalesce() -> None:
@@ -29,8 +32,36 @@ def test_joins_and_leaves_within_one_window_coalesce() -> None:
     bob.close()
     hub.advance(0.06)
     assert alice.json() == [{"event": "presence_diff", "joins": ["carol"], "leaves": []}]
-    assert carol.json() == [{"event": "presence_state", "users": ["alice", "bob", "carol"]},
-                            {"event": "presence_diff", "joins": [], "leaves": ["bob"]}]
+    assert carol.json() == [{"event": "presence_state", "users": ["alice", "carol"]}]
+    assert bob.json() == []  # gone before the window closed
+
+
+def test_a_second_connection_of_a_present_user_gets_the_state_too() -> None:
+    hub = Hub(presence_window=0.05)
+    first = hub.join("/presence?user=dana")
+    hub.advance(0.06)
+    first.json()
+    second = hub.join("/presence?user=dana")  # not news to anyone, but it needs the state
+    hub.advance(0.06)
+    assert second.json() == [{"event": "presence_state", "users": ["dana"]}]
+    assert first.json() == []
+
+
+def test_a_reconnect_storm_costs_one_state_and_one_diff_per_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = Hub(presence_window=0.05)
+    old = [hub.join(f"/presence?user=old{i}") for i in range(50)]
+    hub.advance(0.06)
+    storm = [hub.join(f"/presence?user=new{i}") for i in range(2000)]
+    encoded: list[str] = []
+    real = core.text_message
+    monkeypatch.setattr(core, "text_message", lambda payload, config: encoded.append(payload["event"]) or real(
+        payload, config))
+    hub.advance(0.06)
+    assert sorted(encoded) == ["presence_diff", "presence_state"]
+    users = sorted([f"old{i}" for i in range(50)] + [f"new{i}" for i in range(2000)])
+    assert storm[0].json() == storm[-1].json() == [{"event": "presence_state", "users": users}]
+    expected_diff = {"event": "presence_diff", "joins": sorted(f"new{i}" for i in range(2000)), "leaves": []}
+    assert all(peer.json()[-1] == expected_diff for peer in old)
 
 
 def test_user_with_two_connections_stays_until_the_last_closes() -> None:

@@ -103,6 +103,7 @@ def test_a_message_is_published_and_deliver_ignores_our_own_and_repeats() -> Non
 def test_presence_spans_instances_and_a_silent_instance_expires() -> None:
     hub = Hub(node="aaaa", presence_ttl=3.0)
     alice = hub.join("/presence?user=alice")
+    hub.advance(0.1)
     assert alice.json() == [{"event": "presence_state", "users": ["alice"]}]
     assert any(isinstance(e, core.PresenceChanged) for e in hub.effects)
     assert hub.server.local_presence() == {"presence": ["alice"]}
@@ -110,6 +111,7 @@ def test_presence_spans_instances_and_a_silent_instance_expires() -> None:
     hub.advance(0.1)
     assert alice.json() == [{"event": "presence_diff", "joins": ["bob"], "leaves": []}]
     carol = hub.join("/presence?user=carol")
+    hub.advance(0.1)
     assert carol.json()[0]["users"] == ["alice", "bob", "carol"]
     hub.advance(2.0)
     hub.server.remote_presence("bbbb", {"presence": ["bob", "alice"]}, hub.now)  # heartbeat
