@@ -1334,8 +1334,10 @@ class Server:
             self._set_closed(conn)
         elif ws.state is WSState.CLOSED:  # the peer answered our close
             self._set_closed(conn)
-        else:  # wsproto found a protocol violation (1002, 1007, 1009): fail the connection
+        elif conn.state is State.OPEN:  # wsproto found a protocol violation (1002, 1007, 1009): fail it
             self._close(conn, event.code, event.reason, wait=False)
+        else:  # a violation while we wait for the peer's close: its parser has stopped, so fail it now
+            self._set_closed(conn)
 
     def _on_data(self, conn: Connection, event: TextMessage | BytesMessage) -> None:
         endpoint = conn.endpoint

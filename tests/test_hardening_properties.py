@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -117,16 +116,9 @@ def test_frames_split_anywhere_never_raise_stay_bounded_and_give_the_same_output
     assert split.close_code == whole.close_code
 
 
-CLOSING_BUG = (
-    "core bug: once the server has sent a close and waits for the peer's (1003, 1008, 1001), a protocol "
-    "violation stops wsproto's parser; _on_close_frame's _close(wait=False) returns early because the "
-    "connection is CLOSING, so it is neither failed nor dropped, and every byte read until --close-timeout "
-    "is appended to the dead parser's buffer (see test_hardening_wire.py's closing-handshake test)"
-)
 BINARY_ON_CHAT = frame(b"", opcode=0x2, key=b"\x00" * 4)  # close 1003, and the server waits for ours
 
 
-@pytest.mark.xfail(strict=True, reason=CLOSING_BUG)
 @settings(max_examples=300, deadline=None)
 @given(**frame_streams)
 @example(target="/chat", stream=[BINARY_ON_CHAT, b"\xff" * 200, b"\xff" * 200],

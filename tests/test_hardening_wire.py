@@ -356,8 +356,6 @@ def test_tcp_reset_mid_message_leaves_nothing_behind(server: RunningServer, figu
 # -- known bug -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: bytes after a protocol violation during the closing handshake are "
-                                       "buffered until --close-timeout (see test_hardening_properties.CLOSING_BUG)")
 def test_bytes_after_a_protocol_error_in_the_closing_handshake_are_not_buffered(server: RunningServer,
                                                                                figure: Figure) -> None:
     """The server closes 1003 and waits for our close frame; we send 64 MiB of junk instead. The junk
