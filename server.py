@@ -193,6 +193,22 @@ class SocketLink:
             self.blocked = False
 
 
+async def _read_until_eof(sock: socket.socket, done: anyio.Event) -> None:
+    """Discard what a closing peer still sends until it closes its side (or the socket fails)."""
+    try:
+        while True:
+            await anyio.wait_readable(sock)
+            try:
+                if not sock.recv(RECV_SIZE):
+                    return
+            except (BlockingIOError, InterruptedError):
+                continue
+    except (OSError, anyio.ClosedResourceError):
+        return
+    finally:
+        done.set()
+
+
 class Shell:
     """Drives one ``core.Server`` over real sockets."""
 
@@ -326,29 +342,29 @@ class Shell:
         data = link.unsent + conn.data_to_send()
         link.unsent = b""
         with anyio.move_on_after(LINGER):
-            while data:
-                try:
-                    sent = sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    return
-                data = data[sent:]
-                if data:
-                    await anyio.wait_writable(sock)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                return
-            while True:
-                await anyio.wait_readable(sock)
-                try:
-                    if not sock.recv(RECV_SIZE):
+            async with anyio.create_task_group() as tg:
+                peer_done = anyio.Event()
+                # Read (and discard) while we write: a peer that floods us without reading would
+                # otherwise block our close frame behind full buffers on both sides until LINGER.
+                tg.start_soon(_read_until_eof, sock, peer_done)
+                while data:
+                    try:
+                        sent = sock.send(data)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        tg.cancel_scope.cancel()
                         return
-                except (BlockingIOError, InterruptedError):
-                    continue
+                    data = data[sent:]
+                    if data:
+                        await anyio.wait_writable(sock)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
                 except OSError:
+                    tg.cancel_scope.cancel()
                     return
+                await peer_done.wait()
+                tg.cancel_scope.cancel()
 
     def _log_end(self, conn: core.Connection, peer: Any) -> None:
         if conn.status is not None and conn.status >= 400:
