@@ -453,12 +453,16 @@ class Pipeline:
     the receivers: when a checkpoint's counter reaches the number of receivers, the floor (the count every
     receiver has reached) moves up and the sender tops the window up in one write. The floor moves in steps,
     so between ``window - step + 1`` and ``window`` messages are in flight to the slowest receiver.
+
+    The step is half the window: the sender writes bursts of ``window / 2`` messages while the other half is
+    in flight. Smaller bursts penalise servers that cork per read (uWebSockets: socketify measured 302k
+    deliveries/s at 3.25 µs each with bursts of 8, and 2.74M at 0.36 µs with bursts of 32, same window).
     """
 
     def __init__(self, receivers: int, window: int) -> None:
         self.receivers = receivers
         self.window = window
-        self.step = max(1, window // 8)
+        self.step = max(1, window // 2)
         self.ring = [0] * (window // self.step + 4)  # more slots than checkpoints in flight at once
         self.floor = 0
         self.sent = 0
