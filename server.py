@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import importlib.util
 import logging
 import os
@@ -645,6 +646,7 @@ async def serve(
     )
     shell = Shell(server, store, broker, metrics)
     metrics.attach(server, broker, shell.writer)
+    _tune_gc()
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
     async with anyio.create_task_group() as tg:
@@ -658,6 +660,17 @@ async def serve(
         )
         print(f"hubbub listening on ws://{host}:{port}", flush=True)
     log.info("hubbub stopped")
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper garbage collections: what exists at startup (modules, config, routes) is frozen
+    out of every later collection, and young collections run every 10,000 net allocations instead of
+    700. Per message the server allocates a few dozen short-lived objects that refcounting frees;
+    per connection a few dozen that live as long as it does, which full collections would rescan.
+    Measured: 5,000 handshakes 0.75 s -> 0.63 s (bench.race, handshake workload)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 async def _on_signals(shell: Shell, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
