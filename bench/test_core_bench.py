@@ -9,12 +9,11 @@ covers one path a production server runs all the time:
 - **json codec**: ``json.loads`` of an inbound event and the core's ``_encode_json`` of an
   outbound one (a chat message, and the ``presence_state`` a newcomer gets at 10,000 users);
 - **fan-out, one message**: one masked chat frame from wsproto's client, routed by
-  ``Server.receive`` and written to 10 / 1,000 / 10,000 recipients of one room by the shell's
-  part of the pass (``pending()`` and ``data_to_send()`` for every recipient), to plain and to
-  permessage-deflate recipients (compressed once for all of them); ``extra_info`` carries
-  ``per_recipient_ns``, the figure that compares across sizes. This is the write path of the
-  README's embedding example; ``server.py`` takes room batches with ``take_shared`` instead,
-  which skips most of the per-recipient work measured here;
+  ``Server.receive`` and handed to 10 / 1,000 / 10,000 recipients of one room by the shell's
+  part of the pass as ``server.py`` runs it (``take_shared``: one bytes object for the room,
+  then one hand-over per recipient), to plain and to permessage-deflate recipients (compressed
+  once for all of them); ``extra_info`` carries ``per_recipient_ns``, the figure that compares
+  across sizes;
 - **fan-out, pipelined burst**: 64 messages in one read to 1,000 recipients, then one pass:
   what a sender pipelining at full speed produces (``per_delivery_ns``);
 - **presence**: one user joining or leaving ``/presence`` while 10,000 are present, through
@@ -46,7 +45,7 @@ from handlers import build_router
 from tests.hub import upgrade_request
 
 Outbox = dict[core.Connection, bytes]
-"""What the shell wrote in one pass: each pending connection's ``data_to_send()``."""
+"""What the shell wrote in one pass: the bytes each connection got, its own output then its rooms' batches."""
 
 NOW = 1_700_000_000.0
 PEER = ("127.0.0.1", 40000)
@@ -144,10 +143,16 @@ def gc_paused() -> Iterator[None]:
 
 
 def shell_pass(server: core.Server) -> Outbox:
-    """The shell's part of a pass: take the effects (a real shell stores and publishes them), then
-    write out what every pending connection gained."""
+    """The shell's part of a pass, as ``server.py`` runs it, with a dict in place of the sockets: take
+    the effects (a real shell stores and publishes them), take the rooms' shared batches, write what
+    every pending connection gained of its own, then each shared batch to each of its members."""
     server.effects()
-    return {conn: conn.data_to_send() for conn in server.pending()}
+    shared = server.take_shared()
+    out = {conn: conn.data_to_send() for conn in server.pending()}
+    for data, members in shared:
+        for conn in members:
+            out[conn] = out[conn] + data if conn in out else data
+    return out
 
 
 def report_per(benchmark: BenchmarkFixture, unit: str, count: int) -> None:
@@ -336,17 +341,12 @@ class PresenceRoom:
         self.server = server = core.Server(build_router(CONFIG), CONFIG)
         self.now = NOW
         self.probe = Client("/presence?user=probe")
-        # Each member is sent the users already present as it joins: encoding 1, 2, ..., 10,000 names
-        # is quadratic (seconds) and not what is measured, so the build answers it with an empty list.
-        # The room (members, users, windows and diffs) is built by the core as usual.
-        with gc_paused(), mock.patch.object(server, "presence", return_value=[]):
-            self.members = [self.probe.open(server, self.now)]
+        with gc_paused():  # one window: they all get one shared presence_state when it closes
+            self.members = [connect(server, self.probe.request, self.now)]
             for i in range(members - 1):
                 self.members.append(connect(server, upgrade_request(f"/presence?user=u{i:05d}"), self.now))
-                if i % 300 == 0:  # close a window now and then: its log and the diffs it sends stay short
-                    self._flush()
         self.now += CONFIG.handshake_timeout  # let the members' handshake timers run out now, not in a round
-        self._flush()
+        self.probe.accept(self._flush()[self.members[0]])
         self.users = server.presence("presence")
         assert len(self.users) == members
         self.newcomer_request = upgrade_request("/presence?user=newcomer")
