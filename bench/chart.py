@@ -21,12 +21,13 @@ class Point:
     sys_us: float  # server CPU per delivery, system time
 
 
-def _compact(value: float) -> str:
+def compact(value: float) -> str:
+    """A rate for a label or a table cell: 2.70M, 135k, 9,500."""
     if value >= 1e6:
         return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
+    if value >= 1e4:
         return f"{value / 1e3:.0f}k"
-    return f"{value:.3g}"
+    return f"{value:,.0f}"
 
 
 def draw(points: list[Point], path: Path, title: str) -> None:
@@ -50,7 +51,7 @@ def draw(points: list[Point], path: Path, title: str) -> None:
         px = [x for x, _ in present]
         rates = [point.deliveries_per_s for _, point in present]
         bars = rate_ax.bar(px, rates, width, color=colours[k % len(colours)], label=f"N={n}")
-        rate_ax.bar_label(bars, [_compact(rate) for rate in rates], fontsize=7, padding=2)
+        rate_ax.bar_label(bars, [compact(rate) for rate in rates], fontsize=7, padding=2)
         users = [point.user_us for _, point in present]
         systems = [point.sys_us for _, point in present]
         cpu_ax.bar(px, users, width, color=colours[k % len(colours)], label=f"N={n} user")
@@ -65,7 +66,7 @@ def draw(points: list[Point], path: Path, title: str) -> None:
         ax.set_axisbelow(True)
         ax.legend(fontsize=8)
         ax.margins(y=0.12)
-    rate_ax.yaxis.set_major_formatter(lambda value, _: _compact(value) if value else "0")
+    rate_ax.yaxis.set_major_formatter(lambda value, _: compact(value) if value else "0")
     rate_ax.set_title("full speed: one room of N, one sender, window-paced")
     cpu_ax.set_title("server CPU per delivery (/proc/PID/stat over the window)")
     fig.suptitle(title, fontsize=10)

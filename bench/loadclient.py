@@ -403,6 +403,18 @@ class Conn(asyncio.Protocol):
         """Bytes after the upgrade: here only a close frame is expected (the answer to ours)."""
         self.watch_close(data)
 
+    def past_barrier(self, data: bytes) -> bytes:
+        """Before the join barrier's probe has arrived: what follows it in this read, once it does
+        (``joined`` is then set), else nothing."""
+        buf = self.prev[1 - len(SYNC) :] + data
+        at = buf.find(SYNC)
+        if at < 0:
+            self.watch_close(data)
+            return b""
+        self.joined = True
+        self.prev = b""
+        return buf[at + len(SYNC) :]
+
     def watch_close(self, data: bytes) -> None:
         """Act on a close frame if one ends this read (one ends a read, maybe two: hence ``prev``)."""
         buf = data if len(data) >= CLOSE_TAIL else self.prev[-CLOSE_TAIL:] + data
@@ -536,14 +548,7 @@ class FullMember(Conn):
         if self.joined:
             self.watch_close(data)
             return
-        buf = self.prev[1 - len(SYNC) :] + data
-        at = buf.find(SYNC)
-        if at < 0:
-            self.watch_close(data)
-            return
-        self.joined = True
-        self.prev = b""
-        if rest := buf[at + len(SYNC) :]:
+        if rest := self.past_barrier(data):
             self.data_received(rest)
 
 
@@ -614,14 +619,7 @@ class PacedMember(Conn):
 
     def frames(self, data: bytes) -> None:
         if not self.joined:
-            buf = self.prev[1 - len(SYNC) :] + data
-            at = buf.find(SYNC)
-            if at < 0:
-                self.watch_close(data)
-                return
-            self.joined = True
-            self.prev = b""
-            data = buf[at + len(SYNC) :]
+            data = self.past_barrier(data)
             if not data:
                 return
         now = time.perf_counter()

@@ -100,14 +100,6 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Standing]:
     return standings
 
 
-def rate(value: float) -> str:
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e4:
-        return f"{value / 1e3:.0f}k"
-    return f"{value:,.0f}"
-
-
 def ratio(value: float | None, base: float | None) -> str:
     """`` 0.61x``: ``value`` as a multiple of the baseline's, or nothing without one."""
     return f" {value / base:.2f}x" if value is not None and base else ""
@@ -142,7 +134,7 @@ def cells(key: str, figures: dict[str, float] | None, base: dict[str, float]) ->
 
     if key.startswith("full-"):
         per_s = figures["deliveries_per_s"]
-        return [rate(per_s) + ratio(per_s, base.get("deliveries_per_s")), cpu()]
+        return [chart.compact(per_s) + ratio(per_s, base.get("deliveries_per_s")), cpu()]
     if key == "rooms":
         return [cpu(), f"{figures['latency_p50_ms']:.1f}/{figures['latency_p99_ms']:.1f}"]
     if key == "latency":
@@ -262,7 +254,7 @@ def progress(record: dict[str, Any]) -> str:
     result = record.get("result", {})
     figures = []
     if "deliveries_per_s" in result:
-        figures.append(f"{rate(result['deliveries_per_s'])} deliveries/s")
+        figures.append(f"{chart.compact(result['deliveries_per_s'])} deliveries/s")
     if result.get("server_us_per_delivery") is not None:
         figures.append(f"{result['server_us_per_delivery']:.2f} µs/delivery")
     if "latency_p99_ms" in result:
