@@ -607,10 +607,8 @@ class Connection:
         """Send a text (str) or binary (bytes) message as it is."""
         if self.state is State.OPEN:
             cfg = self.server.config
-            if isinstance(message, str):
-                self._queue(OutboundMessage(_TEXT, message.encode(), cfg.compression_min_size, cfg.compression_level))
-            else:
-                self._queue(OutboundMessage(_BINARY, bytes(message), cfg.compression_min_size, cfg.compression_level))
+            opcode, payload = (_TEXT, message.encode()) if isinstance(message, str) else (_BINARY, bytes(message))
+            self._queue(OutboundMessage(opcode, payload, cfg.compression_min_size, cfg.compression_level))
 
     def error(self, code: str, detail: str) -> None:
         self.send({"event": "error", "code": code, "detail": detail})

@@ -72,7 +72,7 @@ class TransportLink(asyncio.Protocol):
     against ``--max-buffer``, until ``resume_writing``.
     """
 
-    __slots__ = ("_linger", "blocked", "conn", "peer", "send", "shell", "transport")
+    __slots__ = ("_linger", "blocked", "conn", "send", "shell", "transport")
 
     def __init__(self, shell: Shell) -> None:
         self.shell = shell
@@ -83,12 +83,11 @@ class TransportLink(asyncio.Protocol):
         self.transport = transport
         self.send = transport.write
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.peer = transport.get_extra_info("peername")
         shell = self.shell
-        self.conn = conn = shell.server.connect(self.peer, time.time())
+        self.conn = conn = shell.server.connect(transport.get_extra_info("peername"), time.time())
         conn.shell = self
         shell.links[conn] = self
-        log.debug("conn %d %s: connected", conn.id, self.peer)
+        log.debug("conn %d %s: connected", conn.id, conn.peer)
 
     def data_received(self, data: bytes) -> None:
         shell = self.shell
@@ -110,7 +109,7 @@ class TransportLink(asyncio.Protocol):
         if not conn.closed:
             shell.server.receive(conn, b"", time.time())
             shell._after_input()
-        shell._log_end(conn, self.peer)
+        shell._log_end(conn, conn.peer)
 
     def pause_writing(self) -> None:
         self.blocked = True
@@ -143,16 +142,20 @@ class SocketLink:
     """One connection on any anyio backend (trio included): a task that reads its socket, and
     non-blocking sends; only while the kernel buffer is full does a drain task wait to write."""
 
-    __slots__ = ("blocked", "conn", "drain", "scope", "shell", "sock", "unsent")
+    __slots__ = ("conn", "drain", "scope", "shell", "sock", "unsent")
 
     def __init__(self, shell: Shell, conn: core.Connection, sock: socket.socket) -> None:
         self.shell = shell
         self.conn = conn
         self.sock = sock
         self.unsent = b""
-        self.blocked = False  # a drain task owns the socket's writes
         self.scope = anyio.CancelScope()  # the connection's task; cancelled when the core closes it
-        self.drain: anyio.CancelScope | None = None
+        self.drain: anyio.CancelScope | None = None  # the drain task, which owns the socket's writes
+
+    @property
+    def blocked(self) -> bool:
+        """The kernel buffer is full: the drain task pulls from the core when it takes more."""
+        return self.drain is not None
 
     def send(self, data: bytes) -> None:
         try:
@@ -163,7 +166,6 @@ class SocketLink:
             return  # the reader sees the error and closes the connection
         if sent < len(data):
             self.unsent = data[sent:]
-            self.blocked = True
             self.drain = anyio.CancelScope()
             assert self.shell._tg is not None
             self.shell._tg.start_soon(self._drain)
@@ -191,7 +193,6 @@ class SocketLink:
             pass  # the connection's own task sees the socket fail and closes it
         finally:
             self.drain = None
-            self.blocked = False
 
 
 async def _read_until_eof(sock: socket.socket, done: anyio.Event) -> None:
