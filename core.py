@@ -55,7 +55,7 @@ __all__ = [
     "Connection",
     "Endpoint",
     "EventError",
-    "HandlerFailed",
+    "Failure",
     "History",
     "HttpReply",
     "HttpRoute",
@@ -108,6 +108,10 @@ class Config:
     close_timeout: float = _setting(5.0, "seconds to wait for the peer's close frame after ours; then it is dropped")
     max_header_bytes: int = _setting(16 * 1024, "bytes of request line and headers; HTTP 431 beyond")
     max_headers: int = _setting(64, "number of request headers; HTTP 431 beyond")
+    max_user_bytes: int = _setting(
+        256, "bytes of a user name (?user= or a token's sub), which rides in every message and presence list; "
+        "HTTP 400 (401 for a token) beyond, as for control characters in it"
+    )
     allowed_origins: tuple[str, ...] | None = _setting(
         None,
         "origins allowed to open a WebSocket ('*' for any); unset: the server's own host only, plus "
@@ -193,20 +197,32 @@ class History:
 
 
 @dataclass(frozen=True, slots=True)
-class HandlerFailed:
-    """Effect: a handler raised; the connection was closed with 1011. The shell logs it."""
+class Failure:
+    """Effect: application code or one of the core's own steps raised. It was contained to what it
+    was working on (``where``: "handler", "receive", "timer", "ack", "deliver", ...): the connection
+    ``conn_id`` (if any) was closed with 1011, everything else went on. The shell logs it once."""
 
-    conn_id: int
+    conn_id: int | None
     error: BaseException
+    where: str = "handler"
 
 
-Effect = Stored | History | HandlerFailed | Publish | PresenceChanged
+Effect = Stored | History | Failure | Publish | PresenceChanged
 
 
 class Metrics:
     """Counters the core keeps for ``/metrics``: it only counts, the shell formats."""
 
-    __slots__ = ("bytes_in", "bytes_out", "deliveries", "duplicates", "messages_in", "rejections", "slow_consumers")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "deliveries",
+        "duplicates",
+        "failures",
+        "messages_in",
+        "rejections",
+        "slow_consumers",
+    )
 
     def __init__(self) -> None:
         self.messages_in: dict[str, int] = {}  # route name -> messages received
@@ -216,6 +232,7 @@ class Metrics:
         self.slow_consumers = 0  # connections closed with 1013
         self.rejections: dict[int, int] = {}  # HTTP status -> handshakes refused with it
         self.duplicates = 0  # broker messages dropped as already delivered
+        self.failures: dict[str, int] = {}  # where -> exceptions contained there (see ``Failure``)
 
 # ---------------------------------------------------------------------------
 # Frames: server frames are unmasked, so one frame's bytes serve every recipient
@@ -225,7 +242,49 @@ _TEXT = Opcode.TEXT.value
 _BINARY = Opcode.BINARY.value
 _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
-_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+"""Strict JSON out: NaN and Infinity raise instead of being written (no browser could parse them)."""
+
+
+_INFINITIES = (float("inf"), float("-inf"))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in _INFINITIES:
+        raise ValueError(f"number {text[:24]} is out of range")
+    return value
+
+
+_decode_json = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+"""Strict JSON in: no NaN/Infinity literals, no number that overflows to infinity (such as 1e999)."""
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""A ``\\uD800``-``\\uDFFF`` escape: it may decode to a lone surrogate, which no UTF-8 output can hold."""
+
+
+def decode_event(text: str) -> Any:
+    """Parse one client message as strict JSON, or raise ``ValueError`` saying why.
+
+    Python's json accepts what no browser's JSON.parse does and what cannot be written back out:
+    NaN and Infinity, numbers that overflow to infinity, and ``\\ud800``-style escapes that decode
+    to lone surrogates (not encodable as UTF-8: echoing one would raise on the way out). All three
+    are refused here, where the string enters, so everything past this point re-encodes. The
+    surrogate check costs one regex search, and a re-encode only for texts holding such escapes
+    (valid pairs, e.g. an escaped emoji, pass)."""
+    value = _decode_json(text)
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        try:
+            _encode_json(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (an unpaired \\ud800-\\udfff escape)") from None
+    return value
+
+
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 
@@ -435,6 +494,45 @@ class Match:
 
 _PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)}")
 
+MAX_NAME_BYTES = 200
+"""Bytes of a path parameter such as a room name (PROTOCOL.md: a room is 1-200 bytes of UTF-8)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0 and C1 control characters and DEL: refused in names, escaped in logs."""
+
+_MAX_TIMESTAMP = 1e15
+"""Seconds; a token's ``exp`` beyond this (about 30 million years) is refused rather than overflowing."""
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe for one log line: control characters escaped, at most ``limit`` characters kept.
+
+    Anything a client sent (a close reason, a user name, a room) may hold a newline that would
+    forge a log line, or terminal escapes."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text
+
+
+def path_param(raw: str) -> str:
+    """Decode one path parameter strictly; ``ValueError`` says why it is not a valid name.
+
+    ``unquote`` would turn invalid UTF-8 into U+FFFD, so ``%FE``, ``%FF`` and ``%C0`` would all
+    name one room; here they are refused, as are empty names, names over ``MAX_NAME_BYTES`` and
+    control characters."""
+    try:
+        value = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("bad path parameter: percent-encoded bytes that are not UTF-8") from None
+    size = len(value.encode())
+    if not 0 < size <= MAX_NAME_BYTES:
+        raise ValueError(f"bad path parameter: a name is 1 to {MAX_NAME_BYTES} bytes")
+    if _CONTROL.search(value):
+        raise ValueError("bad path parameter: control characters")
+    return value
+
 
 class Router:
     """Path templates such as ``/chat/{room}`` compiled to regexes when added."""
@@ -451,10 +549,11 @@ class Router:
         self._routes.append((re.compile(pattern), template, endpoint))
 
     def match(self, path: str) -> Match | None:
+        """The route ``path`` names, with its parameters decoded; ``ValueError`` for a bad parameter."""
         for regex, template, endpoint in self._routes:
             m = regex.match(path)
             if m is not None:
-                params = {k: unquote(v) for k, v in m.groupdict().items()}
+                params = {k: path_param(v) for k, v in m.groupdict().items()}
                 return Match(endpoint, params, template)
         return None
 
@@ -480,7 +579,9 @@ _HTTP_REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     426: "Upgrade Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -779,10 +880,13 @@ class Server:
         self._now = now
         self.metrics.bytes_in += len(data)
         state = conn.state
-        if state is State.OPEN or state is State.CLOSING:
-            self._receive_frames(conn, data)
-        elif state is State.HANDSHAKE:
-            self._receive_request(conn, data)
+        try:
+            if state is State.OPEN or state is State.CLOSING:
+                self._receive_frames(conn, data)
+            elif state is State.HANDSHAKE:
+                self._receive_request(conn, data)
+        except Exception as exc:  # our bug, triggered by this peer's input: it costs this connection only
+            self._contain("receive", conn, exc)
         self._settle()
 
     def tick(self, now: float) -> float | None:
@@ -791,7 +895,10 @@ class Server:
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, kind, target, seq = heapq.heappop(timers)
-            self._fire(kind, target, seq, now)
+            try:
+                self._fire(kind, target, seq, now)
+            except Exception as exc:  # one timer's failure must not cost the others
+                self._contain("timer", self.connections.get(target) if isinstance(target, int) else None, exc)
         self._settle()
         return timers[0][0] if timers else None
 
@@ -938,7 +1045,11 @@ class Server:
                     self.metrics.duplicates += 1
                     return None
                 self._last_id[node] = message_id
-        count = self.broadcast(room, payload)
+        try:
+            count: int | None = self.broadcast(room, payload)
+        except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
+            self._contain("deliver", None, exc)
+            count = None
         self._settle()
         return count
 
@@ -948,7 +1059,10 @@ class Server:
         for ack in acks:
             conn = connections.get(ack.conn_id)
             if conn is not None and ack.ref is not None:
-                conn.send({"event": "ack", "ref": ack.ref, "id": ack.id})
+                try:
+                    conn.send({"event": "ack", "ref": ack.ref, "id": ack.id})
+                except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
+                    self._contain("ack", conn, exc)
         self._settle()
 
     def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
@@ -960,14 +1074,20 @@ class Server:
                 error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
                 if ack.ref is not None:
                     error["ref"] = ack.ref
-                conn.send(error)
+                try:
+                    conn.send(error)
+                except Exception as exc:
+                    self._contain("ack", conn, exc)
         self._settle()
 
     def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]]) -> None:
         """The store's answer to a ``History`` effect."""
         conn = self.connections.get(conn_id)
         if conn is not None:
-            conn.send({"event": "history", "room": room, "messages": messages})
+            try:
+                conn.send({"event": "history", "room": room, "messages": messages})
+            except Exception as exc:
+                self._contain("history", conn, exc)
             self._settle()
 
     def history_failed(self, conn_id: int, detail: str) -> None:
@@ -998,6 +1118,13 @@ class Server:
         if node == self.config.node:
             return
         self._now = now
+        try:
+            self._remote_heartbeat(node, rooms, now)
+        except Exception as exc:  # a malformed heartbeat costs that heartbeat
+            self._contain("presence", None, exc)
+        self._settle()
+
+    def _remote_heartbeat(self, node: str, rooms: Mapping[str, Iterable[str]] | None, now: float) -> None:
         remote = self._remote.get(node)
         if rooms is None:
             if remote is not None:
@@ -1014,7 +1141,6 @@ class Server:
                 self._remote_change(room, after - before, before - after)
         remote.deadline = now + self.config.presence_ttl
         self._schedule(remote.deadline, _NODE_EXPIRY, node)
-        self._settle()
 
     def _expire_node(self, node: str) -> None:
         remote = self._remote.pop(node)
@@ -1133,7 +1259,11 @@ class Server:
         if not upgrade:
             self._answer_http(conn, method, path, headers)
             return
-        match = self.router.match(path)
+        try:
+            match = self.router.match(path)
+        except ValueError as exc:
+            self._answer(conn, 400, f"{exc}\n")
+            return
         if match is None:
             self._answer(conn, 404, "no such route\n")
             return
@@ -1160,18 +1290,30 @@ class Server:
         if not self._origin_allowed(headers.get(b"origin"), headers.get(b"host")):
             self._answer(conn, 403, "origin not allowed\n")
             return
-        if self._verifier is not None and not self._authenticate(conn, match, split.query, headers):
+        try:
+            query = dict(parse_qsl(split.query, errors="strict", max_num_fields=cfg.max_headers))
+        except (UnicodeDecodeError, ValueError):
+            self._answer(conn, 400, "bad query string (not UTF-8, or too many fields)\n")
+            return
+        if self._verifier is None:
+            problem = self._bad_user(query.get("user", ""))
+            if problem:
+                self._answer(conn, 400, f"bad user name: it {problem}\n")
+                return
+        elif not self._authenticate(conn, match, query, headers):
             return
         if self.open_count >= cfg.max_connections:
             self._answer(conn, 503, "server full, try again later\n", headers=[("Retry-After", "5")])
             return
-        self._upgrade(conn, match, split.query, key, headers, trailing)
+        self._upgrade(conn, match, query, key, headers, trailing)
 
-    def _authenticate(self, conn: Connection, match: Match, query: str, headers: Mapping[bytes, bytes]) -> bool:
+    def _authenticate(
+        self, conn: Connection, match: Match, query: Mapping[str, str], headers: Mapping[bytes, bytes]
+    ) -> bool:
         """Token authentication before the upgrade: 401 without a valid token, 403 for a room
         outside its ``rooms`` claim. The token's ``exp`` becomes a timer that closes with 1008."""
         assert self._verifier is not None
-        token = dict(parse_qsl(query)).get("token")
+        token = query.get("token")
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
@@ -1183,12 +1325,28 @@ class Server:
         try:
             claims = self._verifier(token)
         except Unauthorized as exc:
-            self._answer(conn, 401, f"invalid token: {exc}\n", headers=bearer)
+            self._answer(conn, 401, f"invalid token: {printable(str(exc))}\n", headers=bearer)
+            return False
+        except Exception as exc:  # a verifier's surprise (an overflowing claim, say) is a bad token, not a crash
+            self._contain("verifier", None, exc)
+            self._answer(conn, 401, "invalid token\n", headers=bearer)
             return False
         user = claims.get("sub")
         if not isinstance(user, str) or not user:
             self._answer(conn, 401, "invalid token: no 'sub' claim\n", headers=bearer)
             return False
+        problem = self._bad_user(user)
+        if problem:
+            self._answer(conn, 401, f"invalid token: 'sub' {problem}\n", headers=bearer)
+            return False
+        expires = claims.get("exp")
+        if expires is not None:
+            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                self._answer(conn, 401, "invalid token: 'exp' must be a number\n", headers=bearer)
+                return False
+            if not -_MAX_TIMESTAMP < expires < _MAX_TIMESTAMP:
+                self._answer(conn, 401, "invalid token: 'exp' is out of range\n", headers=bearer)
+                return False
         allowed = claims.get("rooms")
         if allowed is not None and match.endpoint.rooms is not None:
             patterns = [allowed] if isinstance(allowed, str) else allowed
@@ -1201,10 +1359,22 @@ class Server:
                     return False
         conn.user = user
         conn.claims = claims
-        expires = claims.get("exp")
-        if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+        if expires is not None:
             self._schedule(float(expires), _TOKEN_EXPIRY, conn.id)
         return True
+
+    def _bad_user(self, user: str) -> str | None:
+        """Why ``user`` cannot be a user name (None: it can): too long, control characters, or not
+        encodable (a lone surrogate from a token's JSON). Names go into every message and presence list."""
+        try:
+            size = len(user.encode())
+        except UnicodeEncodeError:
+            return "is not valid UTF-8"
+        if size > self.config.max_user_bytes:
+            return f"is longer than {self.config.max_user_bytes} bytes"
+        if _CONTROL.search(user):
+            return "holds control characters"
+        return None
 
     def _origin_allowed(self, origin: bytes | None, host: bytes | None) -> bool:
         if origin is None:
@@ -1220,7 +1390,7 @@ class Server:
         self,
         conn: Connection,
         match: Match,
-        query: str,
+        query: Mapping[str, str],
         key: bytes,
         headers: Mapping[bytes, bytes],
         trailing: bytes,
@@ -1230,7 +1400,7 @@ class Server:
         max_size = endpoint.max_message_size or cfg.max_message_size
         conn.endpoint = endpoint
         conn.params = match.params
-        conn.query = dict(parse_qsl(query))
+        conn.query = dict(query)
         if self._verifier is None:  # with tokens, _authenticate set the user from "sub"
             conn.user = conn.query.get("user") or "anonymous"
         response = [
@@ -1265,7 +1435,11 @@ class Server:
     def _answer_http(self, conn: Connection, method: bytes, path: str, headers: Mapping[bytes, bytes]) -> None:
         route = self._http_routes.get(path)
         if route is None:
-            if self.router.match(path) is not None:
+            try:
+                websocket_route = self.router.match(path) is not None
+            except ValueError:
+                websocket_route = True  # a route's path with a bad parameter: still not plain HTTP
+            if websocket_route:
                 self._answer(conn, 426, "this is a WebSocket endpoint\n", headers=[("Upgrade", "websocket")])
             else:
                 self._answer(conn, 404, "not found\n")
@@ -1382,7 +1556,7 @@ class Server:
 
     def _dispatch(self, conn: Connection, endpoint: Endpoint, text: str) -> None:
         try:
-            event = json.loads(text)
+            event = decode_event(text)
         except RecursionError:
             conn.error("bad_json", "JSON nested too deeply")
             return
@@ -1409,8 +1583,23 @@ class Server:
         except EventError as exc:
             conn.error(exc.code, exc.detail)
         except Exception as exc:  # a handler's bug must not take the server down with it
-            self._effects.append(HandlerFailed(conn.id, exc))
+            self._contain("handler", conn, exc)
+
+    def _contain(self, where: str, conn: Connection | None, exc: Exception) -> None:
+        """An exception escaped one step (``where``): count it, hand it to the shell's log as a
+        ``Failure``, and fail the connection it was working for (if any) with 1011. Nothing else
+        of the pass is lost: the caller goes on with its next item."""
+        failures = self.metrics.failures
+        failures[where] = failures.get(where, 0) + 1
+        self._effects.append(Failure(conn.id if conn is not None else None, exc, where))
+        if conn is None:
+            return
+        if conn.state is State.OPEN:
             self._close(conn, 1011, "internal error", wait=False)
+        elif conn.state is State.HANDSHAKE:
+            self._answer(conn, 500, "internal error\n")
+        elif conn.state is State.CLOSING:
+            self._set_closed(conn)
 
     # -- closing --------------------------------------------------------------
 

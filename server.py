@@ -234,6 +234,7 @@ class Shell:
             observe=metrics.observer("store") if metrics is not None else None,
         )
         self.links: dict[core.Connection, TransportLink | SocketLink] = {}
+        self.failures = 0  # effects whose execution raised (contained, logged)
         self._flush_needed = anyio.Event()
         self._flush_soon: Any = None  # on asyncio: loop.call_soon, so a pass's flush costs no task switch
         self._flush_queued = False
@@ -372,7 +373,9 @@ class Shell:
         if conn.status is not None and conn.status >= 400:
             log.info("conn %d %s: refused with HTTP %d", conn.id, peer, conn.status)
         elif conn.status == 101:
-            log.debug("conn %d %s: disconnected (%s %s)", conn.id, peer, conn.close_code, conn.close_reason)
+            log.debug(
+                "conn %d %s: disconnected (%s %s)", conn.id, peer, conn.close_code, core.printable(conn.close_reason)
+            )
         else:
             log.debug("conn %d %s: closed", conn.id, peer)
 
@@ -442,18 +445,23 @@ class Shell:
                 link.send(data)
 
     def _run_effects(self, effects: list[core.Effect]) -> None:
+        """Carry out each effect on its own: one that raises is logged and counted, the rest go on."""
         presence_changed = False
         for effect in effects:
-            if isinstance(effect, core.Publish):
-                self.broker.publish(effect.room, effect.message)
-            elif isinstance(effect, core.Stored):
-                self.writer.write(effect.room, effect.message, effect.ack)
-            elif isinstance(effect, core.History):
-                self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)
-            elif isinstance(effect, core.PresenceChanged):
-                presence_changed = True
-            elif isinstance(effect, core.HandlerFailed):
-                log.error("conn %d: handler failed", effect.conn_id, exc_info=effect.error)
+            try:
+                if isinstance(effect, core.Publish):
+                    self.broker.publish(effect.room, effect.message)
+                elif isinstance(effect, core.Stored):
+                    self.writer.write(effect.room, effect.message, effect.ack)
+                elif isinstance(effect, core.History):
+                    self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)
+                elif isinstance(effect, core.PresenceChanged):
+                    presence_changed = True
+                elif isinstance(effect, core.Failure):
+                    log.error("conn %s: %s failed (contained)", effect.conn_id, effect.where, exc_info=effect.error)
+            except Exception:
+                self.failures += 1
+                log.exception("effect %s failed (contained)", type(effect).__name__)
         if presence_changed:
             self.broker.publish_presence(self.server.local_presence())
 

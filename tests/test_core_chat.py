@@ -120,7 +120,7 @@ def test_a_failing_handler_closes_1011_and_is_reported() -> None:
     peer.send_json({"event": "go"})
     assert peer.closed_with == 1011
     [effect] = hub.server.effects()
-    assert isinstance(effect, core.HandlerFailed) and str(effect.error) == "bug"
+    assert isinstance(effect, core.Failure) and str(effect.error) == "bug"
 
 
 def test_echo_returns_text_and_binary_as_sent() -> None:
