@@ -3,6 +3,7 @@
     python -m bench.race                  # every server, every workload, N=1000 and 5000, 3 rounds
     python -m bench.race --quick          # CI: every server, small rooms, one round, short windows
     python -m bench.race --servers hubbub,limit --workloads full --n 1000 --rounds 5
+    python -m bench.race --servers hubbub,limit --workloads small,small-paced --small-n 3 --rounds 5
 
 Every server speaks one contract (summed up in bench/peers/_common.py): the same routes and the same message,
 built and serialised once per message. Each (round, server, workload) gets a fresh server process, pinned to one core
@@ -15,10 +16,16 @@ Workloads, with their default sizes (the load client, bench/loadclient.py, says 
 
 - ``full``: one room of N, one sender, as fast as a window of W messages allows; deliveries/s and server CPU
   microseconds per delivery (user and sys, from /proc/PID/stat over exactly the measurement window).
+- ``small``: 8 rooms of N (3 and 20: keys ``small-3`` and ``small-20``), one sender in each, as fast as its own
+  window of W allows; inbound messages/s (what the senders sent and the server fanned out, counted by what the
+  receivers got) and server CPU per inbound message, besides deliveries/s. Most real rooms are small: there the
+  cost per message read, not per recipient written, decides.
 - ``rooms``: 100 rooms of 50, the first 5 members of each sending 2 messages/s; CPU per delivery, p50/p99 latency.
+- ``small-paced``: 200 rooms of 5, every member sending 2 messages/s; CPU per inbound message, p50/p99 latency.
 - ``latency``: one room of 5000, one sender at 5 messages/s; p50/p99/max delivery latency.
-- ``handshake``: 5000 upgrades, 64 in flight; seconds.
-- ``memory``: server RSS with 10,000 idle connections minus its RSS when empty, per connection.
+- ``handshake``: 10,000 upgrades, 64 in flight; seconds.
+- ``memory``: server RSS with 10,000 idle connections minus its RSS when empty, per connection; and its peak
+  RSS (VmHWM from /proc/PID/status), with all 10,000 open.
 
 Output: one JSON line per run appended to ``--results`` (with the machine, Python and library versions), a
 Markdown table of medians over rounds with ratios to ``limit`` (the per-message-write floor every Python
@@ -64,20 +71,27 @@ SERVERS: dict[str, list[str]] = {
     "socketify": ["-m", "bench.peers.socketify_server", "--host", HOST, "--port", "0"],
     "limit": ["-m", "bench.peers.limit_server", "--host", HOST, "--port", "0"],
 }
-WORKLOADS = ("full", "rooms", "latency", "handshake", "memory")
+# Every race client connects from 127.0.0.1: hubbub's per-address connection limit (0 turns it off) would refuse
+# most of them. A server ignores an environment variable it does not know.
+ENVIRONMENT: dict[str, dict[str, str]] = {"hubbub": {"HUBBUB_MAX_CONNECTIONS_PER_ADDRESS": "0"}}
+WORKLOADS = ("full", "small", "rooms", "small-paced", "latency", "handshake", "memory")
 LIBRARIES = ("websockets", "aiohttp", "picows", "socketify", "uvloop", "wsproto", "anyio", "matplotlib")
 STOP_GRACE = 5.0  # seconds a server has to exit after SIGTERM (the contract asks for 2)
 
 # Parameters of a full race and of --quick; an option given on the command line wins over both.
 FULL = {
     "rounds": 3, "n": "1000,5000", "window": 64, "warmup": 1.0, "measure": 5.0, "drain": 15.0, "in_flight": 64,
-    "rooms": 100, "room_size": 50, "senders": 5, "rate": 2.0, "fanout": 5000, "fanout_rate": 5.0,
-    "handshakes": 5000, "idle": 10000, "settle": 1.0,
+    "small_n": "3,20", "small_rooms": 8,
+    "rooms": 100, "room_size": 50, "senders": 5, "rate": 2.0,
+    "small_paced_rooms": 200, "small_paced_size": 5, "small_paced_rate": 2.0,
+    "fanout": 5000, "fanout_rate": 5.0, "handshakes": 10000, "idle": 10000, "settle": 1.0,
 }
 QUICK = FULL | {
-    "rounds": 1, "n": "100", "warmup": 0.2, "measure": 0.5, "drain": 5.0,
-    "rooms": 10, "room_size": 10, "senders": 2, "rate": 10.0, "fanout": 200, "fanout_rate": 20.0,
-    "handshakes": 200, "idle": 200, "settle": 0.2,
+    "rounds": 1, "n": "100", "warmup": 0.1, "measure": 0.3, "drain": 5.0,
+    "small_n": "3", "small_rooms": 4,
+    "rooms": 10, "room_size": 10, "senders": 2, "rate": 10.0,
+    "small_paced_rooms": 20, "small_paced_size": 5, "small_paced_rate": 10.0,
+    "fanout": 200, "fanout_rate": 20.0, "handshakes": 200, "idle": 200, "settle": 0.2,
 }
 
 
@@ -85,7 +99,7 @@ QUICK = FULL | {
 class Workload:
     """One column group of the race: a name, the load client's arguments, and how long it may take."""
 
-    key: str  # "full-1000", "rooms", "latency", "handshake", "memory"
+    key: str  # "full-1000", "small-3", "rooms", "small-paced", "latency", "handshake", "memory"
     argv: tuple[str, ...]
     timeout: float
 
@@ -99,11 +113,21 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
         if name == "full":
             chosen += [Workload(f"full-{n}", ("full", "--n", str(n), "--window", str(args.window), *timed),
                                 60 + n / 50 + timed_s) for n in args.n]
+        elif name == "small":
+            chosen += [Workload(f"small-{n}", ("full", "--rooms", str(args.small_rooms), "--n", str(n),
+                                               "--window", str(args.window), *timed),
+                                60 + args.small_rooms * n / 50 + timed_s) for n in args.small_n]
         elif name == "rooms":
             members = args.rooms * args.room_size
             chosen.append(Workload("rooms", (
                 "paced", "--rooms", str(args.rooms), "--members", str(args.room_size),
                 "--senders", str(args.senders), "--rate", str(args.rate), *timed), 60 + members / 50 + timed_s))
+        elif name == "small-paced":
+            members = args.small_paced_rooms * args.small_paced_size
+            chosen.append(Workload("small-paced", (
+                "paced", "--rooms", str(args.small_paced_rooms), "--members", str(args.small_paced_size),
+                "--senders", str(args.small_paced_size), "--rate", str(args.small_paced_rate), *timed),
+                60 + members / 50 + timed_s))
         elif name == "latency":
             chosen.append(Workload("latency", (
                 "paced", "--rooms", "1", "--members", str(args.fanout), "--senders", "1",
@@ -154,7 +178,7 @@ def server_process(name: str, cpu: int | None, logdir: Path, timeout: float = 30
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [*pinned(cpu), sys.executable, *SERVERS[name]], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **ENVIRONMENT.get(name, {})},
         )
     server = Server(name, process, "", log)
     try:
@@ -278,10 +302,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     option("--measure", float, "seconds of each measurement window")
     option("--drain", float, "seconds allowed for the last deliveries to arrive")
     option("--in-flight", int, "handshakes at a time while connecting")
+    option("--small-n", str, "small workload: room sizes, comma-separated")
+    option("--small-rooms", int, "small workload: rooms in parallel, each with one sender and its own window")
     option("--rooms", int, "rooms workload: rooms")
     option("--room-size", int, "rooms workload: members per room")
     option("--senders", int, "rooms workload: senders per room")
     option("--rate", float, "rooms workload: messages/s per sender")
+    option("--small-paced-rooms", int, "small-paced workload: rooms")
+    option("--small-paced-size", int, "small-paced workload: members per room, every one a sender")
+    option("--small-paced-rate", float, "small-paced workload: messages/s per member")
     option("--fanout", int, "latency workload: members of the one room")
     option("--fanout-rate", float, "latency workload: messages/s of its one sender")
     option("--handshakes", int, "handshake workload: connections")
@@ -300,12 +329,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     args.workloads = [name.strip() for name in args.workloads.split(",") if name.strip()]
     args.n = [int(n) for n in str(args.n).split(",")]
+    args.small_n = [int(n) for n in str(args.small_n).split(",")]
     unknown = [name for name in args.servers if name not in SERVERS]
     unknown += [name for name in args.workloads if name not in WORKLOADS]
     if unknown:
         parser.error(f"unknown server or workload: {', '.join(unknown)}")
-    if not args.servers or not args.workloads or not args.n:
+    if not args.servers or not args.workloads or not args.n or not args.small_n:
         parser.error("no server, workload or room size to race")
+    if min(args.n + args.small_n) < 2:
+        parser.error("a room needs at least 2 members: a sender and a receiver")
     return args
 
 

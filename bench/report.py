@@ -87,7 +87,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Standing]:
             busy = result["server_cpu_util"] + result["server_run_queue_wait"]
             if result["client_saturated"]:  # was the server busy all the same? then it still set the pace
                 standing.saturated.setdefault(key, []).append(busy)
-            elif key.startswith("full-") and busy < BUSY:
+            elif pipelined(key) and busy < BUSY:
                 standing.paced_by_window.append(key)
         if max(result.get("server_run_queue_wait", 0), result.get("client_run_queue_wait", 0)) > CONTENDED:
             standing.contended.append(key)
@@ -98,6 +98,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Standing]:
     for (name, key), results in good.items():
         standings[name].medians[key] = median_figures(results)
     return standings
+
+
+def pipelined(key: str) -> bool:
+    """Whether a workload's senders send as fast as a window allows (``full-N``, ``small-N``), not on a schedule."""
+    return key.startswith("full-") or key.removeprefix("small-").isdigit()
 
 
 def ratio(value: float | None, base: float | None) -> str:
@@ -115,11 +120,14 @@ def columns(key: str) -> list[str]:
     if key.startswith("full-"):
         n = key.removeprefix("full-")
         return [f"N={n} deliv/s", f"N={n} µs/deliv u+s"]
+    if pipelined(key):
+        return [f"{key} in msg/s", f"{key} µs/in u+s"]
     return {
         "rooms": ["rooms µs/deliv u+s", "rooms p50/p99 ms"],
+        "small-paced": ["small-paced µs/in u+s", "small-paced p50/p99 ms"],
         "latency": ["fan-out p50/p99/max ms"],
         "handshake": ["handshakes s (µs)"],
-        "memory": ["KB/conn"],
+        "memory": ["KB/conn", "peak MB"],
     }[key]
 
 
@@ -128,20 +136,29 @@ def cells(key: str, figures: dict[str, float] | None, base: dict[str, float]) ->
     if figures is None:
         return ["FAIL"] * len(columns(key))
 
-    def cpu() -> str:
-        split = f"{figures['server_user_us_per_delivery']:.2f}+{figures['server_sys_us_per_delivery']:.2f}"
-        return split + ratio(figures["server_us_per_delivery"], base.get("server_us_per_delivery"))
+    def cpu(unit: str) -> str:
+        split = f"{figures[f'server_user_us_per_{unit}']:.2f}+{figures[f'server_sys_us_per_{unit}']:.2f}"
+        return split + ratio(figures[f"server_us_per_{unit}"], base.get(f"server_us_per_{unit}"))
+
+    def rate(name: str) -> str:
+        return chart.compact(figures[name]) + ratio(figures[name], base.get(name))
+
+    def latency() -> str:
+        return f"{figures['latency_p50_ms']:.1f}/{figures['latency_p99_ms']:.1f}"
 
     if key.startswith("full-"):
-        per_s = figures["deliveries_per_s"]
-        return [chart.compact(per_s) + ratio(per_s, base.get("deliveries_per_s")), cpu()]
+        return [rate("deliveries_per_s"), cpu("delivery")]
+    if pipelined(key):
+        return [rate("inbound_per_s"), cpu("inbound")]
     if key == "rooms":
-        return [cpu(), f"{figures['latency_p50_ms']:.1f}/{figures['latency_p99_ms']:.1f}"]
+        return [cpu("delivery"), latency()]
+    if key == "small-paced":
+        return [cpu("inbound"), latency()]
     if key == "latency":
-        return [f"{figures['latency_p50_ms']:.1f}/{figures['latency_p99_ms']:.1f}/{figures['latency_max_ms']:.1f}"]
+        return [f"{latency()}/{figures['latency_max_ms']:.1f}"]
     if key == "handshake":
         return [f"{figures['seconds']:.2f} ({figures['server_us_per_handshake']:.0f})"]
-    return [f"{figures['kb_per_connection']:.1f}"]
+    return [f"{figures['kb_per_connection']:.1f}", f"{figures['server_peak_rss_kb'] / 1024:.0f}"]
 
 
 def table(standings: dict[str, Standing], servers: list[str], keys: list[str]) -> str:
@@ -168,21 +185,40 @@ def table(standings: dict[str, Standing], servers: list[str], keys: list[str]) -
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def legend(settings: dict[str, Any]) -> str:
-    """What the table's columns are, with this race's parameters."""
-    return "\n".join(textwrap.fill(paragraph, WIDTH) for paragraph in [
-        f"deliv/s: deliveries per second at full speed (one room of N, one sender, window {settings['window']}). "
-        f"µs/deliv u+s: server CPU microseconds per delivery, user+sys, from /proc/PID/stat over the "
-        f"{settings['measure']} s window. Nx: N times {BASELINE}'s figure.",
-        f"rooms: {settings['rooms']} rooms of {settings['room_size']}, {settings['senders']} senders each at "
-        f"{settings['rate']:g} messages/s. fan-out: one room of {settings['fanout']}, one sender at "
-        f"{settings['fanout_rate']:g} messages/s. Latency: receive minus send time, one clock (the client's).",
-        f"handshakes: {settings['handshakes']} upgrades, {settings['in_flight']} in flight, seconds (server CPU µs "
-        f"each). KB/conn: (RSS with {settings['idle']} idle connections - RSS empty) / {settings['idle']}.",
+def legend(settings: dict[str, Any], keys: list[str]) -> str:
+    """What the table's columns are, with this race's parameters: a sentence for each workload it ran."""
+    ran = {"full" if key.startswith("full-") else "small" if pipelined(key) else key for key in keys}
+    sentences = {  # only those of workloads that ran: a race's settings may predate a workload
+        "full": lambda: f"deliv/s: deliveries per second at full speed (one room of N, one sender, window "
+                        f"{settings['window']}).",
+        "small": lambda: f"small-N: {settings['small_rooms']} rooms of N at full speed, one sender each, window "
+                         f"{settings['window']} each; in msg/s: inbound messages per second, the messages the server "
+                         "read from senders and fanned out (deliveries / (N - 1)).",
+        "rooms": lambda: f"rooms: {settings['rooms']} rooms of {settings['room_size']}, {settings['senders']} senders "
+                         f"each at {settings['rate']:g} messages/s.",
+        "small-paced": lambda: f"small-paced: {settings['small_paced_rooms']} rooms of "
+                               f"{settings['small_paced_size']}, every member sending "
+                               f"{settings['small_paced_rate']:g} messages/s.",
+        "latency": lambda: f"fan-out: one room of {settings['fanout']}, one sender at {settings['fanout_rate']:g} "
+                           "messages/s.",
+        "handshake": lambda: f"handshakes: {settings['handshakes']} upgrades, {settings['in_flight']} in flight, "
+                             "seconds (server CPU µs each).",
+        "memory": lambda: f"KB/conn: (RSS with {settings['idle']} idle connections - RSS empty) / {settings['idle']}; "
+                          f"peak MB: the server's peak RSS (VmHWM, MiB), all {settings['idle']} open.",
+    }
+    paragraphs = [
+        f"u+s: server CPU microseconds, user+sys, from /proc/PID/stat over the {settings['measure']} s window, per "
+        f"delivery (µs/deliv) or per inbound message (µs/in). Nx: N times {BASELINE}'s figure.",
+        " ".join(sentence() for name, sentence in sentences.items() if name in ran),
+    ]
+    if ran & {"rooms", "small-paced", "latency"}:
+        paragraphs.append("p50/p99: delivery latency, receive minus send time, one clock (the client's).")
+    paragraphs.append(
         "lost: deliveries lost or duplicated, every run. client-saturated: runs where the client was busy (running or "
         f"waiting for a CPU) over {BUSY:.0%} of the window, and how busy the server was meanwhile (near 100%: the "
-        "server still set the pace).",
-    ])
+        "server still set the pace)."
+    )
+    return "\n".join(textwrap.fill(paragraph, WIDTH) for paragraph in paragraphs)
 
 
 def notes(standings: dict[str, Standing], servers: list[str]) -> list[str]:
@@ -218,7 +254,7 @@ def render(records: list[dict[str, Any]]) -> str:
                f"{'server and client pinned to one CPU each' if first['pinned'] else 'not pinned'}; "
                f"{first['python']}; {first['machine']['cpu']} ({first['machine']['cpus']} CPUs); "
                f"load average {loads[0]:.1f} to {loads[-1]:.1f} during the race.")
-    parts = [heading, table(standings, servers, keys), legend(first["settings"])]
+    parts = [heading, table(standings, servers, keys), legend(first["settings"], keys)]
     if lines := notes(standings, servers):
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -257,12 +293,16 @@ def progress(record: dict[str, Any]) -> str:
         figures.append(f"{chart.compact(result['deliveries_per_s'])} deliveries/s")
     if result.get("server_us_per_delivery") is not None:
         figures.append(f"{result['server_us_per_delivery']:.2f} µs/delivery")
+    if pipelined(record["workload"]) and "inbound_per_s" in result:
+        figures.append(f"{chart.compact(result['inbound_per_s'])} inbound/s")
+    if record["workload"].startswith("small") and result.get("server_us_per_inbound") is not None:
+        figures.append(f"{result['server_us_per_inbound']:.2f} µs/inbound")
     if "latency_p99_ms" in result:
         figures.append(f"p50 {result['latency_p50_ms']:.1f} p99 {result['latency_p99_ms']:.1f} ms")
     if "seconds" in result:
         figures.append(f"{result['seconds']:.2f} s")
     if "kb_per_connection" in result:
-        figures.append(f"{result['kb_per_connection']:.1f} KB/conn")
+        figures.append(f"{result['kb_per_connection']:.1f} KB/conn, peak {result['server_peak_rss_kb'] / 1024:.0f} MB")
     if "client_cpu_util" in result:
         figures.append(f"server {result['server_cpu_util']:.0%} client {result['client_cpu_util']:.0%} CPU")
     status = f"FAILED: {record['failure']}" if record["failure"] else f"lost {result.get('lost', 0)}"

@@ -16,6 +16,10 @@ covers one path a production server runs all the time:
   across sizes;
 - **fan-out, pipelined burst**: 64 messages in one read to 1,000 recipients, then one pass:
   what a sender pipelining at full speed produces (``per_delivery_ns``);
+- **receive path, room of 3**: 64-byte chat messages from one member of a room of 3 (two
+  recipients), 64 complete frames in one ``receive`` call and one frame per call, each call
+  followed by its pass: the cost per inbound message where fan-out is no excuse, which decides
+  in small rooms (the race's ``small`` workloads); ``extra_info`` carries ``per_frame_ns``;
 - **presence**: one user joining or leaving ``/presence`` while 10,000 are present, through
   the ``presence_diff`` flush that ``tick`` runs when the window closes (``per_member_ns``).
 
@@ -28,6 +32,7 @@ round leaves them as it found them: effects drained, outbound buffers emptied.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,7 +53,7 @@ Outbox = dict[core.Connection, bytes]
 """What the shell wrote in one pass: the bytes each connection got, its own output then its rooms' batches."""
 
 NOW = 1_700_000_000.0
-PEER = ("127.0.0.1", 40000)
+_peers = itertools.count(1)
 HOST = "localhost:8765"
 CHAT_ROOM = "bench"
 # Room sizes over the default 10,000 connections; no keepalive pings, which would otherwise fire
@@ -94,7 +99,7 @@ class Client:
     def open(self, server: core.Server, now: float) -> core.Connection:
         """Connect through the core's handshake; the 101 (and what came with it, such as a
         ``presence_state``) is taken here, and the connection stays pending."""
-        conn = server.connect(PEER, now)
+        conn = server.connect(peer(), now)
         server.receive(conn, self.request, now)
         self.accept(conn.data_to_send())
         return conn
@@ -121,9 +126,16 @@ class Client:
         return decoded
 
 
+def peer() -> tuple[str, int]:
+    """A client address of its own for each connection, as members of a real room have: a room of 10,000 from
+    one address would meet the core's per-address connection limit (127.0.0.0/8, so no address is anyone's)."""
+    i = next(_peers)
+    return f"127.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000
+
+
 def connect(server: core.Server, request: bytes, now: float) -> core.Connection:
     """One member through the core's handshake; its 101 stays queued for the next pass."""
-    conn = server.connect(PEER, now)
+    conn = server.connect(peer(), now)
     server.receive(conn, request, now)
     assert conn.status == 101, conn.data_to_send()
     return conn
@@ -186,7 +198,7 @@ class Handshakes:
         shell_pass(self.server)
 
     def handshake(self) -> Outbox:
-        self.conn = self.server.connect(PEER, self.now)
+        self.conn = self.server.connect(peer(), self.now)
         self.server.receive(self.conn, self.request, self.now)
         return shell_pass(self.server)
 
@@ -327,6 +339,28 @@ def test_fanout_burst_of_64_messages_to_1000_recipients(benchmark: BenchmarkFixt
 
 
 # ---------------------------------------------------------------------------
+# Receive path
+# ---------------------------------------------------------------------------
+
+SMALL_TEXT = "small room chat line, sixty-four bytes long: {:>019d}"  # 64 characters with its number
+
+
+@pytest.mark.benchmark(group="receive path, room of 3")
+@pytest.mark.parametrize("frames", [64, 1], ids=["64-frames-per-receive", "1-frame-per-receive"])
+def test_receive_64_byte_messages_in_a_room_of_3(benchmark: BenchmarkFixture, chat_rooms: ChatRooms,
+                                                 frames: int) -> None:
+    room = chat_rooms.get(2, False)
+    texts = [SMALL_TEXT.format(i) for i in range(frames)]
+    assert {len(text) for text in texts} == {64}
+    data = b"".join(room.alice.frame({"event": "message", "text": text}) for text in texts)
+    deliveries, passes = room.server.metrics.deliveries, room.passes
+
+    room.assert_delivered(benchmark(room.send, data), texts)
+    assert room.server.metrics.deliveries - deliveries == frames * 2 * (room.passes - passes)
+    report_per(benchmark, "frame", frames)
+
+
+# ---------------------------------------------------------------------------
 # Presence
 # ---------------------------------------------------------------------------
 
@@ -360,7 +394,7 @@ class PresenceRoom:
 
     def join(self) -> Outbox:
         assert self.newcomer is None
-        self.newcomer = self.server.connect(PEER, self.now)
+        self.newcomer = self.server.connect(peer(), self.now)
         self.server.receive(self.newcomer, self.newcomer_request, self.now)
         return self._flush()
 
