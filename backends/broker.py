@@ -29,6 +29,13 @@ from a node) stands behind this. While the broker is unreachable, envelopes wait
 bounded queue (``max_queue``) and go out, in order, on reconnect; a batch whose fate is
 unknown is sent again and the receivers drop the copies.
 
+One bad envelope costs only itself. A received envelope is checked field by field; a
+malformed one is dropped and counted in ``malformed``, a sink callback that raises on one is
+counted in ``failures``, and the next envelope is handled as usual (either is logged at most
+once a second, with the number held back). An outgoing envelope that is not strict JSON
+(NaN, a lone surrogate) is dropped and counted in ``failures``: ``publish`` never raises
+into the event loop.
+
 Presence expiry lives in the core (``presence_ttl`` after the last heartbeat); with Redis
 each node's presence is also kept in a key that expires after ``presence_ttl``, which a
 (re)starting instance reads so it knows everyone at once.
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +55,74 @@ import anyio
 
 log = logging.getLogger("hubbub.broker")
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _decode(data: bytes | str) -> dict[str, Any]:
+    """A received envelope, strict JSON checked field by field (see the module's docstring);
+    ValueError (or RecursionError, for absurdly nested JSON) says what is wrong with it."""
+    envelope = json.loads(data, parse_constant=_not_json)
+    if not isinstance(envelope, dict):
+        raise ValueError("not a JSON object")
+    node = envelope.get("n")
+    if not isinstance(node, str):
+        raise ValueError("n is not a string")
+    try:
+        node.encode()  # we send node tags back (replay requests): they must be text we can send
+    except UnicodeEncodeError:
+        raise ValueError("n is not valid text") from None
+    if "m" in envelope:
+        if not _is_int(envelope.get("q")):
+            raise ValueError("q is not an integer")
+        if not isinstance(envelope.get("r"), str):
+            raise ValueError("r is not a string")
+        if not isinstance(envelope["m"], dict):
+            raise ValueError("m is not an object")
+    elif "p" in envelope:
+        rooms = envelope["p"]
+        if rooms is not None and not (
+            isinstance(rooms, dict)
+            and all(isinstance(users, list) and all(isinstance(u, str) for u in users) for users in rooms.values())
+        ):
+            raise ValueError("p is neither null nor an object of lists of user names")
+    elif "s" in envelope:
+        marks = envelope["s"]
+        if not (isinstance(marks, dict) and all(_is_int(seq) for seq in marks.values())):
+            raise ValueError("s is not an object of sequence numbers")
+    else:
+        raise ValueError("neither m, p nor s")
+    return envelope
+
+
+class _Throttle:
+    """At most one log line every ``every`` seconds for one kind of trouble; the lines held back are
+    counted in the next, so a flood of bad envelopes cannot flood the log (nor cost the time to
+    write it)."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._next = -math.inf
+        self._held = 0
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: BaseException | None = None) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            msg += " (and %d more since the last such line)"
+            args = (*args, self._held)
+        log.log(level, msg, *args, exc_info=exc_info)
+        self._next = now + self.every
+        self._held = 0
 
 
 class Sink(Protocol):
@@ -71,6 +146,8 @@ class MemoryBroker:
     dropped = 0
     lost = 0
     queued = 0
+    malformed = 0
+    failures = 0
 
     def __init__(self, node: str = "", **_: Any) -> None:
         self.node = node
@@ -139,6 +216,10 @@ class PubSubBroker:
         self.up = False
         self.dropped = 0  # envelopes dropped because the queue was full during an outage
         self.lost = 0  # messages from others given up after a gap that no replay filled
+        self.malformed = 0  # received envelopes dropped as malformed
+        self.failures = 0  # sink callbacks that raised, and our envelopes that could not be encoded
+        self._malformed_log = _Throttle()
+        self._failure_log = _Throttle()
         self._seq = 0
         self._queue: deque[tuple[int, bytes]] = deque()  # (q, envelope), not yet sent
         self._max_queue = max_queue
@@ -157,16 +238,23 @@ class PubSubBroker:
     # -- what the shell calls (never blocks) ------------------------------------
 
     def publish(self, room: str, message: Mapping[str, Any]) -> None:
+        seq = self._seq + 1
+        data = self._pack({"n": self.node, "q": seq, "r": room, "m": message})
+        if data is None:
+            return  # its sequence number is not used, so the others see no gap
         if len(self._queue) >= self._max_queue:
             self._queue.popleft()
             self.dropped += 1
-        self._seq += 1
-        self._queue.append((self._seq, _encode({"n": self.node, "q": self._seq, "r": room, "m": message}).encode()))
+        self._seq = seq
+        self._queue.append((seq, data))
         self._poke()
 
     def publish_presence(self, rooms: Mapping[str, Sequence[str]] | None) -> None:
+        data = self._pack({"n": self.node, "p": rooms})
+        if data is None:
+            return  # the last heartbeat that could be sent stays the one repeated
         self._presence_rooms = rooms
-        self._presence = _encode({"n": self.node, "p": rooms}).encode()
+        self._presence = data
         self._poke()
 
     async def close(self) -> None:
@@ -189,6 +277,17 @@ class PubSubBroker:
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _pack(self, envelope: Mapping[str, Any]) -> bytes | None:
+        """An envelope as strict JSON in UTF-8, or None (logged, counted in ``failures``) when it cannot
+        be: NaN or Infinity, a lone surrogate, a value JSON does not have."""
+        try:
+            return _encode(envelope).encode()
+        except (ValueError, TypeError) as exc:
+            self.failures += 1
+            self._failure_log.log(logging.ERROR, "broker: dropped an envelope that is not JSON (%r): %.200r", exc,
+                                  envelope)
+            return None
 
     # -- the loop ---------------------------------------------------------------
 
@@ -219,22 +318,48 @@ class PubSubBroker:
             delay = min(delay * 2, 5.0)
 
     async def _listen_into(self, sink: Sink) -> None:
+        """Hand each envelope received to ``sink`` until the subscription fails. Each is on its own: a
+        malformed one or a sink that raises costs that envelope, not the connection and all behind it."""
         async for data in self._listen():
             try:
-                envelope = json.loads(data)
-                node = envelope["n"]
-                if node == self.node:
-                    continue
-                if "m" in envelope:
-                    self._receive(sink, node, envelope["q"], envelope["r"], envelope["m"])
-                elif "p" in envelope:
-                    sink.on_presence(node, envelope["p"])
-                elif "s" in envelope:
-                    self._on_sync(envelope["s"])
-                    sink.on_sync()
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("broker: ignored a malformed envelope (%s): %.200r", exc, data)
+                envelope = _decode(data)
+            except (ValueError, RecursionError) as exc:
+                self._malformed_envelope(exc, data)
+                continue
+            self._dispatch(sink, envelope)
         raise BrokerUnavailable("subscription ended")
+
+    def _dispatch(self, sink: Sink, envelope: dict[str, Any]) -> None:
+        """One envelope that ``_decode`` accepted, to the sink; one the sink fails on is logged and counted."""
+        node = envelope["n"]
+        if node == self.node:
+            return
+        try:
+            if "m" in envelope:
+                self._receive(sink, node, envelope["q"], envelope["r"], envelope["m"])
+            elif "p" in envelope:
+                sink.on_presence(node, envelope["p"])
+            else:
+                self._on_sync(envelope["s"])
+                sink.on_sync()
+        except Exception as exc:
+            self._sink_failed(exc)
+
+    def _deliver(self, sink: Sink, room: str, message: Any, node: str) -> None:
+        """``sink.on_message``, contained: a message the sink fails on still counts as delivered, so the
+        ones behind it are not held back as if after a gap."""
+        try:
+            sink.on_message(room, message, node)
+        except Exception as exc:
+            self._sink_failed(exc)
+
+    def _sink_failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self._failure_log.log(logging.ERROR, "broker: the sink failed on an envelope: %r", exc, exc_info=exc)
+
+    def _malformed_envelope(self, exc: BaseException, data: bytes | str) -> None:
+        self.malformed += 1
+        self._malformed_log.log(logging.WARNING, "broker: ignored a malformed envelope (%s): %.200r", exc, data)
 
     def _receive(self, sink: Sink, node: str, seq: int, room: str, message: Any) -> None:
         """Deliver each node's messages once, in q order; hold the newer ones behind a gap."""
@@ -252,7 +377,7 @@ class PubSubBroker:
                 self._skip_gap(sink, node, peer)
             peer.pending[seq] = (room, message)
             return
-        sink.on_message(room, message, node)
+        self._deliver(sink, room, message, node)
         peer.next = seq + 1
         self._drain(sink, node, peer)
 
@@ -260,7 +385,7 @@ class PubSubBroker:
         pending = peer.pending
         while peer.next in pending:
             room, message = pending.pop(peer.next)
-            sink.on_message(room, message, node)
+            self._deliver(sink, room, message, node)
             peer.next += 1
         if not pending:
             peer.gap_since = None
@@ -286,13 +411,15 @@ class PubSubBroker:
                     del self._peers[node]
 
     def _request_replay(self, marks: Mapping[str, int]) -> None:
-        self._control.append(_encode({"n": self.node, "s": marks}).encode())
-        self._poke()
+        data = self._pack({"n": self.node, "s": marks})
+        if data is not None:
+            self._control.append(data)
+            self._poke()
 
-    def _on_sync(self, marks: Any) -> None:
+    def _on_sync(self, marks: Mapping[str, int]) -> None:
         """Another instance (re)connected or saw a gap: send again what it lacks of ours."""
-        mark = marks.get(self.node) if isinstance(marks, dict) else None
-        if not isinstance(mark, int):
+        mark = marks.get(self.node)
+        if mark is None:
             return  # it never heard from us
         self._replay = [envelope for seq, envelope in self._sent if seq > mark]
         if self._replay:
@@ -301,9 +428,11 @@ class PubSubBroker:
     async def _hello(self, sink: Sink) -> None:
         """Just (re)connected: ask everyone for their presence and for what we missed; send ours."""
         marks = {node: peer.next - 1 for node, peer in self._peers.items()}
-        await self._send([_encode({"n": self.node, "s": marks}).encode()])
+        hello = self._pack({"n": self.node, "s": marks})
+        if hello is not None:
+            await self._send([hello])
         if self._presence is None and self._presence_rooms is not None:
-            self._presence = _encode({"n": self.node, "p": self._presence_rooms}).encode()
+            self._presence = self._pack({"n": self.node, "p": self._presence_rooms})
 
     async def _sender(self) -> None:
         queue = self._queue
@@ -404,11 +533,12 @@ class RedisBroker(PubSubBroker):
             if value is None:
                 continue
             try:
-                envelope = json.loads(value)
-                if envelope["n"] != self.node:
-                    sink.on_presence(envelope["n"], envelope["p"])
-            except (ValueError, KeyError, TypeError):
+                envelope = _decode(value)
+            except (ValueError, RecursionError) as exc:
+                self._malformed_envelope(exc, value)
                 continue
+            if "p" in envelope:
+                self._dispatch(sink, envelope)
         await super()._hello(sink)
 
     async def _send(self, batch: list[bytes], presence: bool = False) -> None:

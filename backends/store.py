@@ -2,47 +2,138 @@
 
 ``--store`` picks one by URL:
 
-- ``memory``: the last ``per_room`` messages of each room, in this process; gone on restart.
+- ``memory``: the last messages of each room, in this process; gone on restart.
 - ``sqlite:///PATH`` (the default, ``sqlite:///hubbub.db``): a file, through the standard
   library's sqlite3, in WAL mode with ``synchronous=FULL`` so that a commit is on disk.
 - ``postgresql://USER@HOST:PORT/DB``: PostgreSQL through psycopg 3 (any libpq URL works,
   ``?options=-csearch_path%3Dmyschema`` included).
 
+Every store keeps history within a ``Retention``: at most ``count`` messages per room and
+none older than ``age`` seconds (``parse_retention``; ``open_store`` applies
+``DEFAULT_RETENTION``, 1000 messages and 30 days). History that nothing bounds grows until
+the disk or the memory is full, so "off" (no limit) must be asked for.
+
 The stores are plain blocking DB-API code; ``StoreWorker`` runs them in one worker thread
-(``anyio.to_thread``) so the event loop never waits on a disk or a database. Writes are
-idempotent (the message id is the primary key), which makes retrying a batch safe. The
-schema is created on first start and versioned in ``hubbub_schema``: ``MIGRATIONS[n]``
-takes a database from version n to n+1.
+(``anyio.to_thread``) so the event loop never waits on a disk or a database; pruning runs
+inside the stores' writes, so it is in that thread too. Writes are idempotent (the message
+id is the primary key), which makes retrying a batch safe. The schema is created on first
+start and versioned in ``hubbub_schema``: ``MIGRATIONS[n]`` takes a database from version n
+to n+1, the same statements for SQLite and PostgreSQL.
+
+Two kinds of failure are told apart. ``StoreError`` means the store itself is unwell
+(unreachable, disk full): the worker retries, then reports the store down. Any other
+exception (``ValueError`` for text no database can hold, or a bug) belongs to the item that
+caused it: the worker isolates that item, tells its sender, and goes on with the rest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sqlite3
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
 log = logging.getLogger("hubbub.store")
 
 Message = Mapping[str, Any]
+T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: list[list[str]] = [
     [  # 0 -> 1: one row per message; the id is time-ordered, so (room, id) pages history
         "CREATE TABLE hubbub_messages ("
         "id TEXT PRIMARY KEY, room TEXT NOT NULL, ts BIGINT NOT NULL, body TEXT NOT NULL)",
         "CREATE INDEX hubbub_messages_room_id ON hubbub_messages (room, id)",
     ],
+    [  # 1 -> 2: age retention deletes by ts, which would otherwise scan the whole table
+        "CREATE INDEX hubbub_messages_ts ON hubbub_messages (ts)",
+    ],
 ]
+
+DEFAULT_RETENTION = "1000,30d"
+MEMORY_PER_ROOM = 1000  # what the memory store keeps per room when the retention sets no count
 
 
 class StoreError(Exception):
     """The store could not do what was asked (unreachable, disk full, ...)."""
+
+
+# -- retention ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much history a store keeps: at most ``count`` messages per room (the newest) and none
+    older than ``age`` seconds (by the message's ``ts``). ``None`` sets no limit of that kind."""
+
+    count: int | None
+    age: float | None
+
+    def __post_init__(self) -> None:
+        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int)):
+            raise ValueError(f"the count must be a whole number of messages, not {self.count!r}")
+        if self.count is not None and self.count < 1:
+            raise ValueError("the count must be at least 1 message (or no count: no limit)")
+        if self.age is not None and not (math.isfinite(self.age) and self.age > 0):
+            raise ValueError("the age must be more than 0 seconds (or no age: no limit)")
+
+    def cutoff_ms(self, now: float) -> int | None:
+        """The oldest ``ts`` (Unix milliseconds) still kept at wall-clock time ``now``; None: no age limit."""
+        return None if self.age is None else int((now - self.age) * 1000)
+
+
+UNLIMITED = Retention(None, None)  # "off"; the memory store still keeps at most MEMORY_PER_ROOM per room
+
+_COUNT = re.compile(r"[0-9]+")
+_AGE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_retention(text: str) -> Retention:
+    """A ``--history-retention`` setting: ``COUNT`` (messages kept per room), ``AGE`` (a number with
+    a unit, s, m, h or d: ``30d``, ``12h``, ``3600s``), ``COUNT,AGE`` (both; ``1000,30d``), or ``off``
+    (no limit at all: history then grows without bound). ValueError says what is wrong."""
+    spec = text.strip().lower()
+    if spec == "off":
+        return UNLIMITED
+    parts = [part.strip() for part in spec.split(",")]
+    count_text: str | None = None
+    age_text: str | None = None
+    if len(parts) == 2:
+        count_text, age_text = parts
+    elif len(parts) == 1 and _COUNT.fullmatch(spec):
+        count_text = spec
+    elif len(parts) == 1:
+        age_text = spec
+    age = _AGE.fullmatch(age_text) if age_text is not None else None
+    if len(parts) > 2 or (count_text is not None and not _COUNT.fullmatch(count_text)) or (
+        age_text is not None and age is None
+    ):
+        raise ValueError(
+            f"history retention {text!r}: expected COUNT (messages per room: 1000), AGE (a number with "
+            "s, m, h or d: 30d), COUNT,AGE (1000,30d) or off"
+        )
+    try:
+        return Retention(
+            int(count_text) if count_text is not None else None,
+            float(age[1]) * _UNITS[age[2]] if age is not None else None,
+        )
+    except ValueError as exc:
+        raise ValueError(f"history retention {text!r}: {exc}") from None
+
+
+_DEFAULT = parse_retention(DEFAULT_RETENTION)
+
+
+# -- the stores -----------------------------------------------------------------
 
 
 class Store(Protocol):
@@ -57,26 +148,45 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+def _ts(message: Message) -> Any:
+    return message.get("ts", 0)
+
+
 class MemoryStore:
-    """The last ``per_room`` messages of every room, oldest first; gone on restart."""
+    """The newest messages of every room, oldest first, within ``retention`` (at most
+    ``MEMORY_PER_ROOM`` per room when it sets no count, so memory stays bounded); gone on restart.
+
+    Messages past the retention's age leave a room when it is written or read, and every room
+    in a sweep at most every ``min(60 s, age / 10)`` (on a write or a read); a room left empty
+    is forgotten, and a sweep that frees most messages compacts what is left, so a spam of
+    short-lived rooms gives its memory back. ``clock`` is the wall clock the age is measured
+    by (``time.time``; a test moves its own).
+    """
 
     blocking = False
     shared = False
 
-    def __init__(self, per_room: int = 1000) -> None:
-        self.per_room = per_room
-        self._rooms: dict[str, deque[Message]] = {}
+    def __init__(self, *, retention: Retention = UNLIMITED, clock: Callable[[], float] = time.time) -> None:
+        self.retention = retention
+        self.per_room = retention.count if retention.count is not None else MEMORY_PER_ROOM
+        self._rooms: dict[str, deque[Message]] = {}  # never holds an empty room
         self._ids: set[str] = set()
+        self._clock = clock
+        self._sweep_every = min(60.0, retention.age / 10) if retention.age is not None else math.inf
+        self._swept = -math.inf
 
     def add(self, room: str, message: Message) -> None:
-        if message["id"] in self._ids:
-            return
-        log = self._rooms.get(room)
-        if log is None:
-            log = self._rooms[room] = deque(maxlen=self.per_room)
-        if len(log) == log.maxlen:
-            self._ids.discard(log[0]["id"])
-        log.append(message)
+        cutoff = self._cutoff()
+        if message["id"] in self._ids or (cutoff is not None and _ts(message) < cutoff):
+            return  # a repeat, or already older than we keep
+        kept = self._rooms.get(room)
+        if kept is None:
+            kept = self._rooms[room] = deque(maxlen=self.per_room)
+        elif cutoff is not None:
+            self._expire(kept, cutoff)
+        if len(kept) == kept.maxlen:
+            self._ids.discard(kept[0]["id"])
+        kept.append(message)
         self._ids.add(message["id"])
 
     def write(self, messages: Sequence[tuple[str, Message]]) -> None:
@@ -85,11 +195,19 @@ class MemoryStore:
 
     def history(self, room: str, limit: int, before: str | None = None) -> list[Message]:
         """Up to ``limit`` messages older than id ``before`` (or the newest), oldest first."""
-        log = self._rooms.get(room, ())
+        cutoff = self._cutoff()
+        kept = self._rooms.get(room)
+        if kept is None:
+            return []
+        if cutoff is not None:
+            self._expire(kept, cutoff)
+            if not kept:
+                del self._rooms[room]
+                return []
         picked: list[Message] = []
-        for message in reversed(log):
-            if before is not None and message["id"] >= before:
-                continue
+        for message in reversed(kept):
+            if (before is not None and message["id"] >= before) or (cutoff is not None and _ts(message) < cutoff):
+                continue  # (a message from another instance may be older than one stored before it)
             picked.append(message)
             if len(picked) == limit:
                 break
@@ -102,18 +220,211 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
+    def _cutoff(self) -> int | None:
+        """The oldest ``ts`` kept now (None: no age limit), sweeping every room first when one is due."""
+        if self.retention.age is None:
+            return None
+        now = self._clock()
+        cutoff = int((now - self.retention.age) * 1000)
+        if not self._swept <= now < self._swept + self._sweep_every:  # due (or the clock went back)
+            self._swept = now
+            ids_before = len(self._ids)
+            for room in [room for room, kept in self._rooms.items() if _ts(kept[0]) < cutoff]:
+                kept = self._rooms[room]
+                self._expire(kept, cutoff)
+                if not kept:
+                    del self._rooms[room]
+            if len(self._ids) < ids_before / 2:  # a dict or set never shrinks by itself: copies fit what is left
+                self._rooms = dict(self._rooms)
+                self._ids = set(self._ids)
+        return cutoff
+
+    def _expire(self, kept: deque[Message], cutoff: int) -> None:
+        while kept and _ts(kept[0]) < cutoff:
+            self._ids.discard(kept.popleft()["id"])
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _storable(*texts: str) -> None:
+    """Refuse (ValueError) text that no database can hold: a lone surrogate (no UTF-8 for it) or NUL
+    (PostgreSQL text cannot hold it), before any transaction begins. Checked in the store, not only
+    at the edge, so that such an item is the item's failure and never passes for an outage."""
+    for text in texts:
+        if "\x00" in text:
+            raise ValueError(f"the store cannot keep text holding NUL: {text[:80]!r}")
+        text.encode()  # UnicodeEncodeError, a ValueError, for a lone surrogate
+
 
 def _row(room: str, message: Message) -> tuple[str, str, int, str]:
-    return (message["id"], room, int(message.get("ts", 0)), json.dumps(message, separators=(",", ":")))
+    """A message as (id, room, ts, body). The body is strict JSON (NaN or Infinity is refused, as
+    no other JSON reader takes them) and UTF-8 rather than \\u-escaped (smaller, and a lone surrogate,
+    which an escape would hide, is refused)."""
+    body = _dumps(message)
+    message_id = message["id"]
+    _storable(message_id, room, body)
+    return (message_id, room, int(_ts(message)), body)
 
 
-class SQLiteStore:
-    """A SQLite file; one connection, used from one worker thread at a time."""
+class _Pruning:
+    """When a SQL store trims rooms to ``count`` rows and deletes rows past ``age``: cheaply, not
+    a DELETE per write.
+
+    A room is trimmed once it has grown by ``max(1, count // 10)`` rows since its last trim, so
+    it holds at most ``count * 1.1`` rows (a store shared by N instances: each counts its own
+    writes, so up to ``count`` plus N tenths). A room this store has not seen yet is trimmed at
+    its first write, as it may hold anything. Only the ``tracked`` most recently written rooms
+    are counted; the others are forgotten, and so trimmed at their next write: room spam cannot
+    grow this map either. The age delete runs at most once a minute and takes at most
+    ``expire_rows`` rows at a time (if there were more, it is due again at the next write), so
+    no single write carries a huge delete.
+    """
+
+    def __init__(self, retention: Retention, tracked: int = 100_000, expire_rows: int = 10_000) -> None:
+        self.retention = retention
+        self.step = max(1, retention.count // 10) if retention.count is not None else 0
+        self.tracked = tracked
+        self.expire_rows = expire_rows
+        self._grown: dict[str, int] = {}  # room -> rows written since its last trim, least recent first
+        self._expired_at = -math.inf  # time.monotonic() of the last complete age delete
+
+    def trims_due(self, rooms: Iterable[str]) -> list[tuple[str, str, int]]:
+        """The parameters of the trims due in the write of a batch holding rows of these rooms (and
+        the rooms' counts updated): (room, room, offset of the oldest row kept)."""
+        count = self.retention.count
+        if count is None:
+            return []
+        grown = self._grown
+        due = []
+        for room, rows in Counter(rooms).items():
+            before = grown.pop(room, None)  # popped and put back: the dict stays in order of last write
+            if before is None or before + rows >= self.step:
+                due.append((room, room, count - 1))
+                grown[room] = 0
+            else:
+                grown[room] = before + rows
+        if len(grown) > self.tracked:
+            self._grown = dict(list(grown.items())[len(grown) // 2 :])  # forget the least recent half at once
+        return due
+
+    def cutoff_due(self) -> int | None:
+        """The ``ts`` to delete rows older than if the age delete is due now, else None."""
+        if time.monotonic() - self._expired_at < 60.0:
+            return None
+        return self.retention.cutoff_ms(time.time())
+
+    def expired(self, rows: int) -> None:
+        """The age delete committed, deleting ``rows``; fewer than ``expire_rows``: none are left."""
+        if rows < self.expire_rows:
+            self._expired_at = time.monotonic()
+
+    def forget(self) -> None:
+        """A write failed, and with it the trims it carried: every room is trimmed at its next write."""
+        self._grown.clear()
+
+
+def _migrate(db: Any, param: str) -> None:
+    """Bring the schema to ``SCHEMA_VERSION`` (``MIGRATIONS[version:]``, the same SQL for SQLite and
+    PostgreSQL). ``db`` is a connection with ``execute(sql, params)``; ``param`` its placeholder.
+    The caller holds the transaction, one that keeps any other migrator out (SQLite: BEGIN
+    IMMEDIATE; PostgreSQL: an advisory lock), and commits it."""
+    db.execute("CREATE TABLE IF NOT EXISTS hubbub_schema (version INTEGER NOT NULL)")
+    row = db.execute("SELECT version FROM hubbub_schema").fetchone()
+    version = row[0] if row is not None else 0
+    if row is None:
+        db.execute("INSERT INTO hubbub_schema VALUES (0)")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the database has schema version {version}; this hubbub knows up to {SCHEMA_VERSION}")
+    for statements in MIGRATIONS[version:]:
+        for statement in statements:
+            db.execute(statement)
+    if version < SCHEMA_VERSION:
+        db.execute(f"UPDATE hubbub_schema SET version = {param}", (SCHEMA_VERSION,))
+
+
+class _SQLStore:
+    """What the SQLite and PostgreSQL stores share: writing with retention and paging history, in
+    the SQL both speak. A subclass names its placeholder (``param``) and its insert that ignores a
+    repeated id (``insert``), and runs a function in a transaction (``_run``), raising
+    ``StoreError`` for the database's failures and ValueError for data it refuses."""
 
     blocking = True
-    shared = False
+    param: str
+    insert: str
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, retention: Retention) -> None:
+        self.retention = retention
+        self._pruning = _Pruning(retention)
+        p = self.param
+        # keep the newest `count` of a room: delete what is older than its count-th newest
+        self._trim = (
+            f"DELETE FROM hubbub_messages WHERE room = {p} AND id < "
+            f"(SELECT id FROM hubbub_messages WHERE room = {p} ORDER BY id DESC LIMIT 1 OFFSET {p})"
+        )
+        self._expire = (
+            f"DELETE FROM hubbub_messages WHERE id IN (SELECT id FROM hubbub_messages WHERE ts < {p} LIMIT {p})"
+        )
+
+    def _run(self, fn: Callable[[Any], T]) -> T:
+        raise NotImplementedError
+
+    def write(self, messages: Sequence[tuple[str, Message]]) -> None:
+        """Insert the batch and, in the same transaction (one commit, one fsync), trim the rooms and
+        delete the expired rows that are due."""
+        rows = [_row(room, message) for room, message in messages]
+        trim = self._pruning.trims_due(row[1] for row in rows)
+        cutoff = self._pruning.cutoff_due()
+
+        def insert(cur: Any) -> int:
+            cur.executemany(self.insert, rows)
+            if trim:
+                cur.executemany(self._trim, trim)
+            if cutoff is None:
+                return 0
+            cur.execute(self._expire, (cutoff, self._pruning.expire_rows))
+            return cur.rowcount
+
+        try:
+            expired = self._run(insert)
+        except BaseException:
+            self._pruning.forget()
+            raise
+        if cutoff is not None:
+            self._pruning.expired(expired)
+
+    def history(self, room: str, limit: int, before: str | None = None) -> list[Message]:
+        """Up to ``limit`` messages older than id ``before`` (or the newest), oldest first; none past
+        the retention's age, even before the age delete has removed them."""
+        _storable(room, *(() if before is None else (before,)))
+        p = self.param
+        sql = f"SELECT body FROM hubbub_messages WHERE room = {p}"
+        params: list[Any] = [room]
+        if before is not None:
+            sql += f" AND id < {p}"
+            params.append(before)
+        cutoff = self.retention.cutoff_ms(time.time())
+        if cutoff is not None:
+            sql += f" AND ts >= {p}"
+            params.append(cutoff)
+        sql += f" ORDER BY id DESC LIMIT {p}"
+        params.append(limit)
+        rows = self._run(lambda cur: cur.execute(sql, params).fetchall())
+        return [json.loads(body) for (body,) in reversed(rows)]
+
+    def ping(self) -> None:
+        self._run(lambda cur: cur.execute("SELECT 1").fetchone())
+
+
+class SQLiteStore(_SQLStore):
+    """A SQLite file; one connection, used from one worker thread at a time."""
+
+    shared = False
+    param = "?"
+    insert = "INSERT OR IGNORE INTO hubbub_messages (id, room, ts, body) VALUES (?, ?, ?, ?)"
+
+    def __init__(self, path: str, *, retention: Retention = UNLIMITED) -> None:
+        super().__init__(retention)
         self.path = path
         self._db: sqlite3.Connection | None = None
 
@@ -121,61 +432,42 @@ class SQLiteStore:
         if self._db is None:
             try:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-                self._migrate(db)
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite {self.path}: {exc}") from exc
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("BEGIN IMMEDIATE")  # two processes opening one file must not both migrate
+                try:
+                    _migrate(db, self.param)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except BaseException as exc:
+                db.close()
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"sqlite {self.path}: {exc}") from exc
+                raise
             self._db = db
         return self._db
 
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("CREATE TABLE IF NOT EXISTS hubbub_schema (version INTEGER NOT NULL)")
-            row = db.execute("SELECT version FROM hubbub_schema").fetchone()
-            version = row[0] if row else 0
-            if row is None:
-                db.execute("INSERT INTO hubbub_schema VALUES (0)")
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"the database has schema version {version}; this hubbub knows {SCHEMA_VERSION}")
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    db.execute(statement)
-            db.execute("UPDATE hubbub_schema SET version = ?", (SCHEMA_VERSION,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    def write(self, messages: Sequence[tuple[str, Message]]) -> None:
+    def _run(self, fn: Callable[[Any], T]) -> T:
         db = self._connect()
         try:
             db.execute("BEGIN")
-            db.executemany("INSERT OR IGNORE INTO hubbub_messages VALUES (?, ?, ?, ?)", [_row(*m) for m in messages])
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise StoreError(f"sqlite {self.path}: {exc}") from exc
-
-    def history(self, room: str, limit: int, before: str | None = None) -> list[Message]:
-        db = self._connect()
-        try:
-            rows = db.execute(
-                "SELECT body FROM hubbub_messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?",
-                (room, before if before is not None else "\uffff", limit),
-            ).fetchall()
+            try:
+                result = fn(db.cursor())
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.DataError as exc:  # this data (too big, ...), not the file
+            raise ValueError(f"sqlite {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite {self.path}: {exc}") from exc
-        return [json.loads(body) for (body,) in reversed(rows)]
-
-    def ping(self) -> None:
-        try:
-            self._connect().execute("SELECT 1").fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+        return result
 
     def close(self) -> None:
         if self._db is not None:
@@ -183,17 +475,19 @@ class SQLiteStore:
             self._db = None
 
 
-class PostgresStore:
+class PostgresStore(_SQLStore):
     """PostgreSQL through psycopg 3's blocking API in the worker thread (so trio works too).
 
     One connection, opened lazily and opened again after any failure: a database that
     goes away and comes back costs the batches in between, never the server.
     """
 
-    blocking = True
     shared = True
+    param = "%s"
+    insert = "INSERT INTO hubbub_messages (id, room, ts, body) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
 
-    def __init__(self, url: str, connect_timeout: float = 3.0) -> None:
+    def __init__(self, url: str, connect_timeout: float = 3.0, *, retention: Retention = UNLIMITED) -> None:
+        super().__init__(retention)
         self.url = url
         self.connect_timeout = connect_timeout
         self._db: Any = None
@@ -204,62 +498,33 @@ class PostgresStore:
         if self._db is None or self._db.closed:
             try:
                 db = psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)), autocommit=False)
-                with db.transaction():
-                    # two instances starting at once must not both migrate
-                    db.execute("SELECT pg_advisory_xact_lock(7402091)")
-                    db.execute("CREATE TABLE IF NOT EXISTS hubbub_schema (version INTEGER NOT NULL)")
-                    row = db.execute("SELECT version FROM hubbub_schema").fetchone()
-                    version = row[0] if row else 0
-                    if row is None:
-                        db.execute("INSERT INTO hubbub_schema VALUES (0)")
-                    if version > SCHEMA_VERSION:
-                        raise StoreError(f"schema version {version} is newer than this hubbub's {SCHEMA_VERSION}")
-                    for statements in MIGRATIONS[version:]:
-                        for statement in statements:
-                            db.execute(statement)
-                    db.execute("UPDATE hubbub_schema SET version = %s", (SCHEMA_VERSION,))
             except psycopg.Error as exc:
                 raise StoreError(f"postgresql: {exc}".strip()) from exc
+            try:
+                with db.transaction():
+                    db.execute("SELECT pg_advisory_xact_lock(7402091)")  # two instances starting at once
+                    _migrate(db, self.param)
+            except BaseException as exc:
+                db.close()
+                if isinstance(exc, psycopg.Error):
+                    raise StoreError(f"postgresql: {exc}".strip()) from exc
+                raise
             self._db = db
         return self._db
 
-    def _run(self, fn: Callable[[Any], Any]) -> Any:
+    def _run(self, fn: Callable[[Any], T]) -> T:
         import psycopg
 
         db = self._connect()
         try:
-            with db.transaction():
-                return fn(db)
+            with db.transaction(), db.cursor() as cur:
+                return fn(cur)
+        except psycopg.DataError as exc:  # this data (out of range, ...), not the database
+            raise ValueError(f"postgresql: {exc}".strip()) from exc
         except psycopg.Error as exc:
             if db.closed or db.broken:
                 self._db = None
             raise StoreError(f"postgresql: {exc}".strip()) from exc
-
-    def write(self, messages: Sequence[tuple[str, Message]]) -> None:
-        rows = [_row(*m) for m in messages]
-
-        def insert(db: Any) -> None:
-            with db.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO hubbub_messages (id, room, ts, body) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT (id) DO NOTHING",
-                    rows,
-                )
-
-        self._run(insert)
-
-    def history(self, room: str, limit: int, before: str | None = None) -> list[Message]:
-        def select(db: Any) -> list[Any]:
-            if before is None:
-                sql = "SELECT body FROM hubbub_messages WHERE room = %s ORDER BY id DESC LIMIT %s"
-                return db.execute(sql, (room, limit)).fetchall()
-            sql = "SELECT body FROM hubbub_messages WHERE room = %s AND id < %s ORDER BY id DESC LIMIT %s"
-            return db.execute(sql, (room, before, limit)).fetchall()
-
-        return [json.loads(body) for (body,) in reversed(self._run(select))]
-
-    def ping(self) -> None:
-        self._run(lambda db: db.execute("SELECT 1").fetchone())
 
     def close(self) -> None:
         if self._db is not None:
@@ -267,20 +532,35 @@ class PostgresStore:
             self._db = None
 
 
-def open_store(url: str) -> Store:
-    """The store a ``--store`` URL names."""
+def open_store(url: str, retention: Retention = _DEFAULT) -> Store:
+    """The store a ``--store`` URL names, keeping history within ``retention``."""
     if url == "memory":
-        return MemoryStore()
+        return MemoryStore(retention=retention)
     if url.startswith("sqlite://"):
         path = url[len("sqlite://") :]
         if path.startswith("/"):
             path = path[1:]  # sqlite:///hubbub.db is relative, sqlite:////var/x.db absolute
         if not path:
             raise ValueError("--store sqlite:///PATH needs a path")
-        return SQLiteStore(path)
+        return SQLiteStore(path, retention=retention)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(url)
+        return PostgresStore(url, retention=retention)
     raise ValueError(f"unknown --store {url!r}: expected memory, sqlite:///PATH or postgresql://...")
+
+
+# -- the worker -----------------------------------------------------------------
+
+UNREACHABLE_WRITE = "the message store is unreachable: this message was not kept"
+REFUSED_WRITE = "the message store could not keep this message: it was delivered but not kept"
+UNREACHABLE_READ = "the message store is unreachable: no history now"
+FAILED_READ = "the message store could not answer this history request"
+
+Item = tuple[str, Message, Any]  # (room, message, ack) of a queued write
+
+
+def _message_id(item: Item) -> Any:
+    message = item[1]
+    return message.get("id") if isinstance(message, Mapping) else None
 
 
 class StoreWorker:
@@ -289,10 +569,17 @@ class StoreWorker:
     One loop does everything in order: take every write queued so far as one batch,
     commit it, report the acks; then answer the history reads queued before the batch
     was taken (so a read sees every message stored before it was asked for). A batch
-    that fails is retried with backoff for up to ``retry_for`` seconds, then given up
-    (its senders hear ``unavailable``). ``on_status`` reports the store up or down.
-    A store that never blocks (``MemoryStore``) is written and read inline, in the same
-    order, while nothing is queued before it.
+    that fails with ``StoreError`` is retried with backoff for up to ``retry_for`` seconds,
+    then given up (its senders hear ``unavailable``). ``on_status`` reports the store up or
+    down. A store that never blocks (``MemoryStore``) is written and read inline, in the
+    same order, while nothing is queued before it.
+
+    One bad item never stops the loop (nor, inline, raises into the shell). A batch that fails
+    with any other exception holds a poison item, not an outage: it is written again in halves,
+    and halves of those, until every good message is committed and acked and only the
+    failing ones are reported lost (one log line per batch). A history read failing so is
+    answered ``on_history_failed``. A callback (or ``observe``) that raises is logged and
+    skipped. Each of these counts one in ``failures``.
     """
 
     def __init__(
@@ -318,7 +605,8 @@ class StoreWorker:
         self.retry_for = retry_for
         self.observe = observe or (lambda op, seconds: None)
         self.up = True
-        self._writes: list[tuple[str, Message, Any]] = []
+        self.failures = 0  # items the store failed on for a reason of their own, and callbacks that raised
+        self._writes: list[Item] = []
         self._reads: list[tuple[int, str, int, str | None]] = []
         self._wake = anyio.Event()
         self._idle = anyio.Event()
@@ -334,11 +622,14 @@ class StoreWorker:
             try:
                 self.store.write([(room, message)])
             except StoreError:
-                pass  # the loop below retries it like any failed batch
+                pass  # queued below: the loop retries it like any failed batch
+            except Exception as exc:
+                self._refused([((room, message, ack), exc)], 1)
+                return
             else:
-                self.observe("write", time.perf_counter() - started)
+                self._notify(self.observe, "write", time.perf_counter() - started)
                 if ack is not None:
-                    self.on_stored([ack])
+                    self._notify(self.on_stored, [ack])
                 return
         self._writes.append((room, message, ack))
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
@@ -350,10 +641,13 @@ class StoreWorker:
             try:
                 messages = self.store.history(room, limit, before)
             except StoreError:
-                pass
+                pass  # queued below, answered by the loop
+            except Exception as exc:
+                self._read_failed(conn_id, room, exc)
+                return
             else:
-                self.observe("read", time.perf_counter() - started)
-                self.on_history(conn_id, room, messages)
+                self._notify(self.observe, "read", time.perf_counter() - started)
+                self._notify(self.on_history, conn_id, room, messages)
                 return
         self._reads.append((conn_id, room, limit, before))
         self._wake.set()
@@ -369,6 +663,11 @@ class StoreWorker:
             await self._call(self.store.ping)
         except StoreError as exc:
             self._set_up(False, str(exc))
+            return False
+        except Exception as exc:  # a failure the store does not name: down too, and logged
+            self.failures += 1
+            log.error("store: the ping failed unexpectedly", exc_info=exc)
+            self._set_up(False, repr(exc))
             return False
         self._set_up(True)
         return True
@@ -388,12 +687,26 @@ class StoreWorker:
                     await self._answer(*read)
             self._idle.set()
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if not self.store.blocking:
             return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def _commit(self, batch: list[tuple[str, Message, Any]]) -> None:
+    async def _commit(self, batch: list[Item]) -> None:
+        try:
+            await self._store(batch)
+        except Exception as exc:  # not an outage (that is StoreError): something in the batch the store cannot take
+            refused: list[tuple[Item, BaseException]] = []
+            await self._isolate(batch, exc, refused)
+            if refused:
+                self._refused(refused, len(batch))
+            else:  # it did not happen again: no item to blame
+                log.warning("store: a batch of %d messages failed (%r), then was written in parts", len(batch), exc)
+
+    async def _store(self, batch: list[Item]) -> bool:
+        """Write ``batch``, retrying ``StoreError`` with backoff for up to ``retry_for`` seconds, and tell
+        its senders: stored (True) or, given up, lost (False). Any other exception is the batch's own
+        and propagates, its senders not told."""
         rows = [(room, message) for room, message, _ in batch]
         acks = [ack for _, _, ack in batch if ack is not None]
         give_up = time.monotonic() + self.retry_for
@@ -407,16 +720,50 @@ class StoreWorker:
                 if time.monotonic() + delay > give_up:
                     log.warning("store: gave up on %d messages: %s", len(rows), exc)
                     if acks:
-                        self.on_lost(acks, "the message store is unreachable: this message was not kept")
-                    return
+                        self._notify(self.on_lost, acks, UNREACHABLE_WRITE)
+                    return False
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            self.observe("write", time.perf_counter() - started)
+            self._notify(self.observe, "write", time.perf_counter() - started)
             self._set_up(True)
             if acks:
-                self.on_stored(acks)
-            return
+                self._notify(self.on_stored, acks)
+            return True
+
+    async def _isolate(self, part: list[Item], exc: BaseException, refused: list[tuple[Item, BaseException]]) -> bool:
+        """Write what can be written of ``part``, which failed with ``exc``, halving it around the items
+        that fail (they go to ``refused``): about 2 log2(n) writes per bad item, where one write per
+        message would cost a commit (an fsync) each. False: the store became unreachable meanwhile,
+        and the senders of the rest of ``part`` were told so."""
+        if len(part) == 1:
+            refused.append((part[0], exc))
+            return True
+        middle = len(part) // 2
+        halves = (part[:middle], part[middle:])
+        for i, half in enumerate(halves):
+            try:
+                ok = await self._store(half)
+            except Exception as half_exc:
+                ok = await self._isolate(half, half_exc, refused)
+            if not ok:
+                acks = [ack for later in halves[i + 1 :] for _, _, ack in later if ack is not None]
+                if acks:
+                    self._notify(self.on_lost, acks, UNREACHABLE_WRITE)
+                return False
+        return True
+
+    def _refused(self, refused: list[tuple[Item, BaseException]], batch_size: int) -> None:
+        """The store failed on these messages for a reason of their own: count them, log once (with
+        the first one's traceback) and tell their senders."""
+        self.failures += len(refused)
+        ids = ", ".join(repr(_message_id(item)) for item, _ in refused[:5]) + (", ..." if len(refused) > 5 else "")
+        first = refused[0][1]
+        log.error("store: could not keep %d of %d messages (%s): %r", len(refused), batch_size, ids, first,
+                  exc_info=first)
+        acks = [ack for (_, _, ack), _ in refused if ack is not None]
+        if acks:
+            self._notify(self.on_lost, acks, REFUSED_WRITE)
 
     async def _answer(self, conn_id: int, room: str, limit: int, before: str | None) -> None:
         started = time.perf_counter()
@@ -424,10 +771,26 @@ class StoreWorker:
             messages = await self._call(self.store.history, room, limit, before)
         except StoreError as exc:
             self._set_up(False, str(exc))
-            self.on_history_failed(conn_id, "the message store is unreachable: no history now")
+            self._notify(self.on_history_failed, conn_id, UNREACHABLE_READ)
             return
-        self.observe("read", time.perf_counter() - started)
-        self.on_history(conn_id, room, messages)
+        except Exception as exc:
+            self._read_failed(conn_id, room, exc)
+            return
+        self._notify(self.observe, "read", time.perf_counter() - started)
+        self._notify(self.on_history, conn_id, room, messages)
+
+    def _read_failed(self, conn_id: int, room: str, exc: BaseException) -> None:
+        self.failures += 1
+        log.error("store: a history read of room %r failed: %r", room, exc, exc_info=exc)
+        self._notify(self.on_history_failed, conn_id, FAILED_READ)
+
+    def _notify(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Call one of the shell's callbacks; one that raises is logged and counted, and we go on."""
+        try:
+            callback(*args)
+        except Exception:
+            self.failures += 1
+            log.exception("store: the callback %s raised", getattr(callback, "__name__", repr(callback)))
 
     def _set_up(self, up: bool, why: str = "") -> None:
         if up != self.up:
@@ -436,4 +799,4 @@ class StoreWorker:
                 log.warning("store: reachable again")
             else:
                 log.warning("store: unreachable: %s", why)
-            self.on_status(up)
+            self._notify(self.on_status, up)
