@@ -88,6 +88,11 @@ class Config:
     """Every limit in one place, each with its reason. The CLI is built from these fields."""
 
     max_connections: int = _setting(10_000, "open WebSocket connections; the next handshake gets HTTP 503")
+    max_connections_per_address: int = _setting(
+        1000, "sockets open from one client IP address (handshakes included); the next handshake gets HTTP 429 "
+        "with Retry-After; 0 turns it off. Behind a reverse proxy every client has the proxy's address: "
+        "turn it off there and let the proxy limit per client"
+    )
     max_message_size: int = _setting(
         64 * 1024, "bytes per message on JSON routes, across fragments and after inflating; close 1009 beyond"
     )
@@ -102,6 +107,10 @@ class Config:
         "messages per second per connection, with a burst of one second's worth; 0 turns it off. "
         "Over it: error event rate_limited and the message is dropped; a further second's worth: close 1008",
     )
+    frames_per_pass: int = _setting(
+        64, "frames handled from one connection per loop pass; the rest wait (its socket unread) while the "
+        "others get their turn, so one connection's flood delays another's messages by one such budget at most"
+    )
     ping_interval: float = _setting(20.0, "seconds between keepalive pings; 0 turns them off")
     ping_timeout: float = _setting(20.0, "no pong within this many seconds of a ping: close 1011")
     handshake_timeout: float = _setting(10.0, "seconds a client has to send its HTTP request; then it is dropped")
@@ -111,6 +120,12 @@ class Config:
     max_user_bytes: int = _setting(
         256, "bytes of a user name (?user= or a token's sub), which rides in every message and presence list; "
         "HTTP 400 (401 for a token) beyond, as for control characters in it"
+    )
+    allowed_hosts: tuple[str, ...] | None = _setting(
+        None,
+        "Host header values served ('*.example.com' covers subdomains; a port is ignored); unset: any. "
+        "A DNS-rebinding page reaches the server under the attacker's name: list your own names to refuse it "
+        "(HTTP 400)",
     )
     allowed_origins: tuple[str, ...] | None = _setting(
         None,
@@ -612,6 +627,10 @@ def http_response(
     return "\r\n".join(lines).encode("latin-1") + body
 
 
+REPLY_ALLOWANCE = 4
+"""Replies a client asked for may queue up to this many times ``max_buffer`` before it is a slow consumer."""
+
+
 class Connection:
     """One client, from its first byte to its close; also the context handlers work with.
 
@@ -629,6 +648,8 @@ class Connection:
         "_tokens",
         "_tokens_at",
         "_ws",
+        "address",
+        "backlogged",
         "claims",
         "close_code",
         "close_reason",
@@ -640,6 +661,7 @@ class Connection:
         "params",
         "peer",
         "query",
+        "reply_size",
         "rooms",
         "server",
         "shell",
@@ -651,6 +673,7 @@ class Connection:
     def __init__(self, server: Server, conn_id: int, peer: Any, now: float) -> None:
         self.id = conn_id
         self.peer = peer
+        self.address = peer[0] if isinstance(peer, tuple) and peer else peer  # the client's IP address
         self.state = State.HANDSHAKE
         self.server = server
         self.user = "anonymous"
@@ -661,11 +684,13 @@ class Connection:
         self.rooms: list[Room] = []
         self.outbound: list[bytes] = []
         self.outbound_size = 0
+        self.reply_size = 0  # queued bytes of replies the client asked for (see ``reply``)
         self.status: int | None = None  # the HTTP status we answered: 101, or why we refused
         self.close_code: int | None = None
         self.close_reason = ""
         self.deflate_bits: int | None = None
         self.shell: Any = None  # the shell's own object for this connection (its socket or transport)
+        self.backlogged = False  # input is buffered that this pass had no budget for: see Server.resume
         self._http: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=server.config.max_header_bytes
         )
@@ -694,6 +719,7 @@ class Connection:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         self.outbound_size = 0
+        self.reply_size = 0
         self.server.metrics.bytes_out += len(data)
         return data
 
@@ -730,17 +756,33 @@ class Connection:
 
     # -- internals ---------------------------------------------------------
 
+    def reply(self, payload: Mapping[str, Any]) -> None:
+        """Send one JSON event this connection asked for (a history page, a presence list).
+
+        Such a reply may be large, and asking for a lot does not make a slow consumer: its
+        bytes do not count against ``max_buffer`` (only against ``REPLY_ALLOWANCE`` times it,
+        so one that asks again and again without reading is still closed)."""
+        if self.state is State.OPEN:
+            self._queue_raw(text_message(payload, self.server.config).frame_for(self.deflate_bits), reply=True)
+
     def _queue(self, message: OutboundMessage) -> None:
         self._queue_raw(message.frame_for(self.deflate_bits))
 
-    def _queue_raw(self, data: bytes) -> None:
+    def _queue_raw(self, data: bytes, reply: bool = False) -> None:
         """This connection's own output (events, control frames, HTTP answers), after what its rooms
         broadcast to it so far in this pass; pongs to a ping flood count against the buffer too."""
         if data:
             for room in self.rooms:
                 if room._batch is not None and self not in room._detached:
                     self.server._detach(room, self)
-            self._append(bytes(data))
+            if reply:
+                self.outbound.append(bytes(data))
+                self.reply_size += len(data)
+                self.server._pending[self] = None
+                if self.reply_size > REPLY_ALLOWANCE * self.server.config.max_buffer:
+                    self.server._slow.append(self)
+            else:
+                self._append(bytes(data))
 
     def _append(self, data: bytes) -> None:
         self.outbound.append(data)
@@ -847,6 +889,7 @@ class Server:
         self.open_count = 0
         self._http_routes = {"/healthz": Server._healthz, **(http_routes or {})}
         self._next_id = 1
+        self._addresses: dict[Any, int] = {}  # client address -> its sockets still open (handshakes included)
         self._pending: dict[Connection, None] = {}
         self._batched: list[Room] = []  # rooms with broadcasts in this pass, for take_shared
         self._slow: list[Connection] = []
@@ -872,6 +915,8 @@ class Server:
         conn = Connection(self, self._next_id, peer, now)
         self._next_id += 1
         self.connections[conn.id] = conn
+        addresses = self._addresses
+        addresses[conn.address] = addresses.get(conn.address, 0) + 1
         self._schedule(conn._handshake_deadline, _HANDSHAKE, conn.id)
         return conn
 
@@ -887,6 +932,23 @@ class Server:
                 self._receive_request(conn, data)
         except Exception as exc:  # our bug, triggered by this peer's input: it costs this connection only
             self._contain("receive", conn, exc)
+        self._settle()
+
+    def resume(self, conn: Connection, now: float) -> None:
+        """Handle the next budget of a backlogged connection's buffered input.
+
+        After ``receive`` leaves a connection ``backlogged`` (it had more frames than
+        ``Config.frames_per_pass``), the shell stops reading its socket and calls this in a
+        later loop pass, after the other connections had their turn; it reads the socket
+        again once the connection is no longer ``backlogged``."""
+        self._now = now
+        if conn.backlogged and (conn.state is State.OPEN or conn.state is State.CLOSING):
+            try:
+                self._process_frames(conn, self.config.frames_per_pass)
+            except Exception as exc:
+                self._contain("receive", conn, exc)
+        else:
+            conn.backlogged = False
         self._settle()
 
     def tick(self, now: float) -> float | None:
@@ -1085,10 +1147,27 @@ class Server:
         conn = self.connections.get(conn_id)
         if conn is not None:
             try:
-                conn.send({"event": "history", "room": room, "messages": messages})
+                conn.reply(self.history_page(room, messages))
             except Exception as exc:
                 self._contain("history", conn, exc)
             self._settle()
+
+    def history_page(self, room: str, messages: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """A ``history`` event that fits in ``max_buffer``: the newest messages that fit, oldest first,
+        with ``"truncated": true`` when older ones had to be left out (the client pages on with
+        ``before`` set to the first id). Sixty 60 KB messages must not make a reply no client can take."""
+        page: dict[str, Any] = {"event": "history", "room": room, "messages": messages}
+        budget = self.config.max_buffer
+        if len(_encode_json(page).encode()) <= budget:
+            return page
+        used = len(_encode_json({**page, "messages": [], "truncated": True}).encode())
+        kept = 0
+        for message in reversed(messages):
+            used += len(_encode_json(message).encode()) + 1
+            if used > budget and kept:
+                break
+            kept += 1
+        return {**page, "messages": messages[len(messages) - kept :], "truncated": True}
 
     def history_failed(self, conn_id: int, detail: str) -> None:
         """The store could not answer a ``History`` effect."""
@@ -1253,6 +1332,9 @@ class Server:
         except (UnicodeDecodeError, ValueError):
             self._answer(conn, 400, "bad request target\n")
             return
+        if cfg.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):
+            self._answer(conn, 400, "invalid Host header\n")
+            return
         path = split.path
         method = request.method
         upgrade = b"websocket" in headers.get(b"upgrade", b"").lower()
@@ -1301,6 +1383,12 @@ class Server:
                 self._answer(conn, 400, f"bad user name: it {problem}\n")
                 return
         elif not self._authenticate(conn, match, query, headers):
+            return
+        per_address = cfg.max_connections_per_address
+        if per_address > 0 and self._addresses.get(conn.address, 0) > per_address:
+            self._answer(
+                conn, 429, "too many connections from your address, try again later\n", headers=[("Retry-After", "5")]
+            )
             return
         if self.open_count >= cfg.max_connections:
             self._answer(conn, 503, "server full, try again later\n", headers=[("Retry-After", "5")])
@@ -1375,6 +1463,22 @@ class Server:
         if _CONTROL.search(user):
             return "holds control characters"
         return None
+
+    def _host_allowed(self, host: bytes | None) -> bool:
+        """The Host header names this server (``allowed_hosts``), as a DNS-rebinding defence."""
+        allowed = self.config.allowed_hosts
+        assert allowed is not None
+        if host is None:
+            return False
+        name = host.decode("latin-1").strip().lower()
+        if name.startswith("["):  # [::1]:8765
+            name = name[: name.find("]") + 1]
+        else:
+            name = name.rsplit(":", 1)[0]
+        for pattern in allowed:
+            if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+                return True
+        return False
 
     def _origin_allowed(self, origin: bytes | None, host: bytes | None) -> bool:
         if origin is None:
@@ -1479,23 +1583,44 @@ class Server:
         ws = conn._ws
         assert ws is not None
         if not data:
-            self._drop(conn, 1006)
+            if conn.backlogged:  # what the peer sent before it closed still counts
+                self._process_frames(conn, None)
+            if conn.state is not State.CLOSED:
+                self._drop(conn, 1006)
             return
         ws.receive_data(data)
+        self._process_frames(conn, self.config.frames_per_pass)
+
+    def _process_frames(self, conn: Connection, budget: int | None) -> None:
+        """Handle the frames wsproto has buffered, at most ``budget`` of them (None: all).
+
+        A connection that had more is *backlogged*: the rest stays in wsproto's buffer, the
+        shell stops reading its socket and calls ``resume`` in a later loop pass, after every
+        other connection had its turn. So one connection's flood delays the others by one
+        budget at most, however much it sends in one read."""
+        ws = conn._ws
+        assert ws is not None
+        conn.backlogged = False
+        left = budget if budget is not None and budget > 0 else -1
         for event in ws.events():
             if conn.state is State.CLOSED:
                 return
             if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
                 if conn.state is State.OPEN:
-                    self._on_data(conn, event)
+                    if event.message_finished or not event.frame_finished or self._admit_rate(conn, False):
+                        self._on_data(conn, event)
             elif isinstance(event, Ping):
-                if ws.state is WSState.OPEN:
+                if ws.state is WSState.OPEN and self._admit_rate(conn, False):
                     conn._queue_raw(ws.send(Pong(event.payload)))
             elif isinstance(event, Pong):
-                if event.payload == str(conn._ping_seq).encode():
+                if self._admit_rate(conn, False) and event.payload == str(conn._ping_seq).encode():
                     conn._pong_due = False
             elif isinstance(event, CloseConnection):
                 self._on_close_frame(conn, event)
+            left -= 1
+            if left == 0:
+                conn.backlogged = conn.state is not State.CLOSED
+                return
 
     def _on_close_frame(self, conn: Connection, event: CloseConnection) -> None:
         ws = conn._ws
@@ -1538,8 +1663,13 @@ class Server:
         else:
             self._dispatch(conn, endpoint, message)  # type: ignore[arg-type]
 
-    def _admit_rate(self, conn: Connection) -> bool:
-        """Token bucket: refill at rate_limit/s up to one second's worth; debt past that closes 1008."""
+    def _admit_rate(self, conn: Connection, message: bool = True) -> bool:
+        """Token bucket: refill at rate_limit/s up to one second's worth; debt past that closes 1008.
+
+        Every frame costs a token: each message, and also each ping, pong and fragment that does
+        not end a message (``message`` False), so a flood of those is closed like one of messages.
+        Over the rate, a message is dropped with a ``rate_limited`` error; a control frame or
+        fragment just costs its token (a fragment still counts toward its message)."""
         rate = self.config.rate_limit
         if rate <= 0:
             return True
@@ -1550,9 +1680,9 @@ class Server:
             return True
         if tokens < -rate:
             self._close(conn, 1008, "rate limit exceeded", wait=True)
-        else:
+        elif message:
             conn.error("rate_limited", f"more than {rate:g} messages per second; this one was dropped")
-        return False
+        return not message and conn.state is State.OPEN
 
     def _dispatch(self, conn: Connection, endpoint: Endpoint, text: str) -> None:
         try:
@@ -1640,7 +1770,15 @@ class Server:
             self._call(conn, endpoint.on_close, conn)
 
     def _set_closed(self, conn: Connection) -> None:
+        if conn.state is not State.CLOSED:
+            addresses = self._addresses
+            left = addresses.get(conn.address, 1) - 1
+            if left > 0:
+                addresses[conn.address] = left
+            else:
+                addresses.pop(conn.address, None)
         conn.state = State.CLOSED
+        conn.backlogged = False
         conn._ws = None
         conn._http = None
         conn._parts = []
@@ -1655,14 +1793,20 @@ class Server:
             for conn in slow:
                 endpoint = conn.endpoint
                 limit = max(default, endpoint.max_buffer or 0) if endpoint is not None else default
-                if conn.state is State.OPEN and conn.outbound_size > limit:
+                if conn.state is State.OPEN and (
+                    conn.outbound_size > limit or conn.reply_size > REPLY_ALLOWANCE * limit
+                ):
                     # It is not reading: drop what it has not taken (its rooms' batches of this
-                    # pass included) and fail it with 1013.
+                    # pass included) and fail it with 1013. An upgrade answer still unsent stays:
+                    # the client gets its 101 before the close, never a bare close frame.
                     for room in conn.rooms:
                         if room._batch is not None:
                             room._detached[conn] = None
+                    head = conn.outbound[0] if conn.outbound and conn.outbound[0].startswith(b"HTTP/") else None
                     conn.outbound.clear()
-                    conn.outbound_size = 0
+                    if head is not None:
+                        conn.outbound.append(head)
+                    conn.outbound_size = conn.reply_size = 0
                     self.metrics.slow_consumers += 1
                     self._close(conn, 1013, "slow consumer: outbound buffer full", wait=False)
 
@@ -1747,7 +1891,7 @@ class Server:
         if newcomers:
             state = text_message({"event": "presence_state", "users": self.presence(room.name)}, self.config)
             for conn in newcomers:
-                conn._queue(state)
+                conn._queue_raw(state.frame_for(conn.deflate_bits), reply=True)
         room._log = []
         room._newcomers = {}
         room._flush_at = None

@@ -44,14 +44,29 @@ from anyio.abc import TaskGroup
 
 import core
 from backends.broker import MemoryBroker, PubSubBroker, open_broker
-from backends.store import MemoryStore, Store, StoreWorker, open_store
+from backends.store import DEFAULT_RETENTION, MemoryStore, Store, StoreWorker, open_store, parse_retention
 from handlers import build_router, page
 
 log = logging.getLogger("hubbub")
 
 RECV_SIZE = 256 * 1024
 LINGER = 2.0  # seconds we keep reading after our FIN, so the peer sees our close frame, not a reset
-HIGH_WATER = 256 * 1024  # bytes a transport buffers before the core keeps the rest (counted against --max-buffer)
+HIGH_WATER = 64 * 1024  # bytes a transport buffers before the core keeps the rest (counted against --max-buffer)
+SEND_BUFFER = 64 * 1024
+"""SO_SNDBUF of each client socket. Left to itself the kernel grows a socket's send buffer up to 4 MiB
+(net.ipv4.tcp_wmem), so a client that stops reading would hold that much of our memory before
+``--max-buffer`` ever counted a byte; the kernel doubles what is set here for its bookkeeping.
+Measured (a reader that stops, 4 KB messages): 4.1-4.6 MB reached it before its 1013 close with the
+kernel's own sizing, 0.35 MB with this (and ``HIGH_WATER``); the server holds at most
+``--max-buffer`` plus about 200 KiB for it."""
+
+
+def _size_send_buffer(sock: Any) -> None:
+    if sock is not None and SEND_BUFFER:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:  # not a TCP socket (a Unix socket in a test, say): leave it as it is
+            pass
 
 
 def _on_asyncio() -> bool:
@@ -83,6 +98,7 @@ class TransportLink(asyncio.Protocol):
         self.transport = transport
         self.send = transport.write
         transport.set_write_buffer_limits(high=HIGH_WATER)
+        _size_send_buffer(transport.get_extra_info("socket"))
         shell = self.shell
         self.conn = conn = shell.server.connect(transport.get_extra_info("peername"), time.time())
         conn.shell = self
@@ -92,6 +108,8 @@ class TransportLink(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         shell = self.shell
         shell.server.receive(self.conn, data, time.time())
+        if self.conn.backlogged:
+            shell.hold(self)
         shell._after_input()
 
     def eof_received(self) -> bool:
@@ -238,6 +256,8 @@ class Shell:
         self._flush_needed = anyio.Event()
         self._flush_soon: Any = None  # on asyncio: loop.call_soon, so a pass's flush costs no task switch
         self._flush_queued = False
+        self._held: dict[TransportLink, None] = {}  # backlogged links whose reading is paused
+        self._resume_queued = False
         self._timer_wake = anyio.Event()
         self._timer_at = float("inf")
         self._tg: TaskGroup | None = None
@@ -307,6 +327,7 @@ class Shell:
                     break
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _size_send_buffer(sock)
                 self._tg.start_soon(self._connection, sock, peer)
 
     async def _connection(self, sock: socket.socket, peer: Any) -> None:
@@ -326,6 +347,10 @@ class Shell:
                         data = b""
                     server.receive(conn, data, time.time())
                     self._after_input()
+                    while conn.backlogged:  # its budget is spent: let every other task run first
+                        await anyio.sleep(0)
+                        server.resume(conn, time.time())
+                        self._after_input()
             await self._close_socket(conn, link)
         finally:
             self.links.pop(conn, None)
@@ -390,6 +415,33 @@ class Shell:
         deadline = self.server.next_deadline
         if deadline is not None and deadline < self._timer_at:
             self._timer_wake.set()
+
+    def hold(self, link: TransportLink) -> None:
+        """``link``'s connection has input its budget did not cover: stop reading its socket and
+        let the core take the next budget in a later loop pass, after everyone else's input."""
+        if link not in self._held:
+            link.transport.pause_reading()
+            self._held[link] = None
+        if not self._resume_queued:
+            self._resume_queued = True
+            asyncio.get_running_loop().call_soon(self._resume_held)
+
+    def _resume_held(self) -> None:
+        self._resume_queued = False
+        held, self._held = self._held, {}
+        server = self.server
+        now = time.time()
+        for link in held:
+            conn = link.conn
+            server.resume(conn, now)
+            if conn.backlogged:
+                self._held[link] = None
+            elif not link.transport.is_closing():
+                link.transport.resume_reading()
+        self._after_input()
+        if self._held and not self._resume_queued:
+            self._resume_queued = True
+            asyncio.get_running_loop().call_soon(self._resume_held)
 
     def _queued_flush(self) -> None:
         self._flush_queued = False
@@ -563,9 +615,19 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the server's own host, plus clients that send no Origin",
     )
     parser.add_argument(
+        "--allowed-hosts", default=_env("allowed_hosts"),
+        help="comma-separated Host header values to serve ('*.example.com' for subdomains); others get HTTP 400. "
+        "Default: any. Set it in deployments: it is the defence against DNS rebinding",
+    )
+    parser.add_argument(
         "--store", default=_env("store") or "sqlite:///hubbub.db",
         help="where chat history is kept: sqlite:///PATH (a file; sqlite:////abs/path), "
         "postgresql://USER@HOST:PORT/DB, or memory (gone on restart)",
+    )
+    parser.add_argument(
+        "--history-retention", default=_env("history_retention") or DEFAULT_RETENTION, metavar="COUNT,AGE",
+        help="history kept per room, in every store: a count of messages, an age (30d, 12h, 90m, 3600s), both "
+        "(the first limit reached wins), or 'off'. Older messages are deleted off the event loop",
     )
     parser.add_argument(
         "--broker", default=_env("broker") or "memory",
@@ -586,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--jwt-audience", default=_env("jwt_audience"), help="required 'aud' claim of tokens")
     parser.add_argument("--jwt-issuer", default=_env("jwt_issuer"), help="required 'iss' claim of tokens")
-    skip = {"compression", "allowed_origins", "node"}
+    skip = {"compression", "allowed_origins", "allowed_hosts", "node"}
     for f in dataclasses.fields(core.Config):
         if f.name in skip:
             continue
@@ -608,17 +670,22 @@ def config_from(args: argparse.Namespace) -> core.Config:
     values = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(core.Config)
-        if f.name not in ("compression", "allowed_origins", "node")
+        if f.name not in ("compression", "allowed_origins", "allowed_hosts", "node")
     }
-    origins = None
-    if args.allowed_origins:
-        origins = tuple(o.strip().lower() for o in args.allowed_origins.split(",") if o.strip())
     return core.Config(
         **values,
         compression=not args.no_compression,
-        allowed_origins=origins,
+        allowed_origins=_names(args.allowed_origins),
+        allowed_hosts=_names(args.allowed_hosts),
         node=os.urandom(4).hex(),  # 32 bits: instances of one deployment must not share a tag
     )
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated flag as lower-case names (None when not given)."""
+    if not text:
+        return None
+    return tuple(name.strip().lower() for name in text.split(",") if name.strip())
 
 
 def verifier_from(args: argparse.Namespace) -> Any:
@@ -644,7 +711,7 @@ async def serve(
 
     config = config_from(args)
     metrics = PrometheusMetrics()
-    store = open_store(args.store)
+    store = open_store(args.store, parse_retention(args.history_retention))
     broker = open_broker(
         args.broker, config.node, channel=args.broker_channel, presence_ttl=config.presence_ttl,
         observe=metrics.observer("broker"),
@@ -654,7 +721,7 @@ async def serve(
         verifier=verifier_from(args),
     )
     shell = Shell(server, store, broker, metrics)
-    metrics.attach(server, broker, shell.writer)
+    metrics.attach(shell)
     _tune_gc()
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
@@ -705,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        open_store(args.store)
+        open_store(args.store, parse_retention(args.history_retention))
         open_broker(args.broker, "check")
         verifier_from(args)
     except (ValueError, OSError) as exc:

@@ -19,15 +19,15 @@ import core
 
 
 class CoreCollector(Collector):
-    """The core's counters, read when Prometheus scrapes."""
+    """The core's counters, and the shell's and backends' own, read when Prometheus scrapes."""
 
-    def __init__(self, server: core.Server, broker: Any, store_worker: Any) -> None:
-        self.server = server
-        self.broker = broker
-        self.store_worker = store_worker
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
 
     def collect(self) -> Iterator[Any]:
-        server = self.server
+        shell = self.shell
+        server = shell.server
+        broker = shell.broker
         m = server.metrics
         stats = server.stats()
         open_conns = GaugeMetricFamily("hubbub_connections", "open WebSocket connections", labels=["route"])
@@ -59,11 +59,23 @@ class CoreCollector(Collector):
         up.add_metric(["broker"], 1 if server.available("broker") else 0)
         up.add_metric(["store"], 1 if server.available("store") else 0)
         yield up
-        yield GaugeMetricFamily("hubbub_broker_queue", "messages waiting for the broker", value=self.broker.queued)
+        yield GaugeMetricFamily("hubbub_broker_queue", "messages waiting for the broker", value=broker.queued)
         yield CounterMetricFamily("hubbub_broker_dropped", "messages dropped from a full broker queue",
-                                  value=self.broker.dropped)
+                                  value=broker.dropped)
         yield CounterMetricFamily("hubbub_broker_lost", "messages from other instances lost in a gap no replay filled",
-                                  value=self.broker.lost)
+                                  value=broker.lost)
+        yield CounterMetricFamily("hubbub_broker_malformed", "envelopes from the broker ignored as malformed",
+                                  value=broker.malformed)
+        failures = CounterMetricFamily(
+            "hubbub_failures", "exceptions contained to one connection or item (each logged once)", labels=["where"]
+        )
+        counts = dict(m.failures)
+        counts["effect"] = shell.failures
+        counts["store"] = shell.writer.failures
+        counts["broker"] = broker.failures
+        for where, n in sorted(counts.items()):
+            failures.add_metric([where], n)
+        yield failures
 
 
 class PrometheusMetrics:
@@ -88,8 +100,9 @@ class PrometheusMetrics:
 
         return observe
 
-    def attach(self, server: core.Server, broker: Any, store_worker: Any) -> None:
-        self.registry.register(CoreCollector(server, broker, store_worker))
+    def attach(self, shell: Any) -> None:
+        """Report ``shell``'s core, store worker and broker at every scrape."""
+        self.registry.register(CoreCollector(shell))
 
     def render(self, server: core.Server, headers: Mapping[bytes, bytes]) -> tuple[int, bytes, str]:
         """The ``/metrics`` route for ``core.Server(http_routes=...)``."""

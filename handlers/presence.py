@@ -21,7 +21,7 @@ def on_open(conn: Connection) -> None:
 
 
 def on_list(conn: Connection, event: dict[str, Any]) -> None:
-    conn.send({"event": "presence_state", "users": conn.server.presence(ROOM)})
+    conn.reply({"event": "presence_state", "users": conn.server.presence(ROOM)})
 
 
 endpoint = Endpoint(name="presence", on_open=on_open, events={"list": on_list})

@@ -32,7 +32,8 @@ class Peer:
                  deflate: bool = False) -> None:
         self.hub = hub
         self.client = WSConnection(ConnectionType.CLIENT)
-        self.conn = hub.server.connect(peer=("127.0.0.1", 40000 + len(hub.peers)), now=hub.now)
+        n = len(hub.peers)  # each peer its own address, as real clients have (the per-address limit)
+        self.conn = hub.server.connect(peer=(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", 40000), now=hub.now)
         hub.peers[self.conn] = self
         self.inbox: list[Any] = []
         self.accepted = False

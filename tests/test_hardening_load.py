@@ -267,7 +267,8 @@ def test_sigterm_under_load_gives_every_client_1001_and_loses_no_acked_message(t
     Every client gets close 1001, the server exits 0, and a fresh server on the same SQLite file has
     every message that was acked before the close in its history."""
     store = f"sqlite:///{tmp_path / 'hubbub.db'}"
-    with spawn_server("--rate-limit", "0", "--store", store) as server:
+    # retention off: every acked message must still be there to count (the default keeps 1,000 per room)
+    with spawn_server("--rate-limit", "0", "--store", store, "--history-retention", "off") as server:
         acks: dict[str, str] = {}  # ref -> id, of the acks received before the close frame
         sent = sent_at_signal = 0
         signalled_at = 0.0
@@ -322,7 +323,7 @@ def test_sigterm_under_load_gives_every_client_1001_and_loses_no_acked_message(t
         stopped_after = time.monotonic() - signalled_at
     assert codes == [1001] * 33
     assert exit_code == 0
-    with spawn_server("--store", store) as fresh:
+    with spawn_server("--store", store, "--history-retention", "off") as fresh:
         stored = stored_ids(fresh, "busy")
         assert_still_serves(fresh)
     lost = set(acks.values()) - stored
