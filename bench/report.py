@@ -206,11 +206,11 @@ def legend(settings: dict[str, Any], keys: list[str]) -> str:
         "memory": lambda: f"KB/conn: (RSS with {settings['idle']} idle connections - RSS empty) / {settings['idle']}; "
                           f"peak MB: the server's peak RSS (VmHWM, MiB), all {settings['idle']} open.",
     }
-    paragraphs = [
-        f"u+s: server CPU microseconds, user+sys, from /proc/PID/stat over the {settings['measure']} s window, per "
-        f"delivery (µs/deliv) or per inbound message (µs/in). Nx: N times {BASELINE}'s figure.",
-        " ".join(sentence() for name, sentence in sentences.items() if name in ran),
-    ]
+    paragraphs = [" ".join(sentence() for name, sentence in sentences.items() if name in ran)]
+    if ran & {"full", "small", "rooms", "small-paced"}:
+        paragraphs.insert(0, f"u+s: server CPU microseconds, user+sys, from /proc/PID/stat over the "
+                             f"{settings['measure']} s window, per delivery (µs/deliv) or per inbound message "
+                             f"(µs/in). Nx: N times {BASELINE}'s figure.")
     if ran & {"rooms", "small-paced", "latency"}:
         paragraphs.append("p50/p99: delivery latency, receive minus send time, one clock (the client's).")
     paragraphs.append(
