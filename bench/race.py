@@ -270,7 +270,7 @@ def environment() -> dict[str, Any]:
             versions[library] = None
     git = ["git", "-C", str(ROOT)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "core.py", "server.py", "handlers", "backends"],
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "hubbub", "server.py"],
                            capture_output=True, text=True).stdout.strip()
     versions["hubbub"] = f"{commit}{'+dirty' if dirty else ''}" if commit else None
     return {

@@ -45,8 +45,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Event, Message, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-import core
-from handlers import build_router
+from hubbub import core
+from hubbub.handlers import build_router
 from tests.hub import upgrade_request
 
 Outbox = dict[core.Connection, bytes]

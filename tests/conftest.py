@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-import server as shell_module
+from hubbub import server as shell_module
 
 # (test id, outcome, figures) of every test that recorded figures, in the order they ran
 FIGURES: list[tuple[str, str, list[str]]] = []

@@ -20,9 +20,9 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
-import core
-from backends.store import MemoryStore
-from handlers import build_router
+from hubbub import core
+from hubbub.backends.store import MemoryStore
+from hubbub.handlers import build_router
 
 
 class Peer:

@@ -21,8 +21,8 @@ from typing import Any
 import anyio
 import pytest
 
-from backends.broker import BrokerUnavailable, PubSubBroker, RedisBroker
-from backends.store import (
+from hubbub.backends.broker import BrokerUnavailable, PubSubBroker, RedisBroker
+from hubbub.backends.store import (
     FAILED_READ,
     REFUSED_WRITE,
     UNREACHABLE_WRITE,

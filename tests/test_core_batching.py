@@ -14,8 +14,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import core
-from handlers import build_router
+from hubbub import core
+from hubbub.handlers import build_router
 from tests.hub import upgrade_request
 
 ROOMS = ("a", "b", "c")

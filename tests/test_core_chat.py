@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core import History, Stored
+from hubbub.core import History, Stored
 from tests.hub import Hub
 
 
@@ -109,7 +109,7 @@ def test_binary_on_a_json_route_closes_1003() -> None:
 
 
 def test_a_failing_handler_closes_1011_and_is_reported() -> None:
-    import core
+    from hubbub import core
 
     def explode(conn: core.Connection, event: dict) -> None:
         raise RuntimeError("bug")

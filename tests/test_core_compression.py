@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-import core
+from hubbub import core
 from tests.hub import Hub
 
 TEXT = json.dumps([{"user": f"user{i}", "text": "hello " * (i % 7), "id": i} for i in range(2000)])

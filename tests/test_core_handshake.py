@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core import State
+from hubbub.core import State
 from tests.hub import Hub, raw_exchange, upgrade_request
 
 

@@ -6,7 +6,7 @@ import zlib
 
 from wsproto.events import Message
 
-from core import State
+from hubbub.core import State
 from tests.hub import Hub
 
 

@@ -9,8 +9,8 @@ import re
 import h11
 import pytest
 
-import core
-from handlers import build_router, page
+from hubbub import core
+from hubbub.handlers import build_router, page
 
 NOW = 1_700_000_000.0
 

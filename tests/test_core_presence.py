@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import core
+from hubbub import core
 from tests.hub import Hub
 
 

@@ -8,8 +8,8 @@ import jwt
 import pytest
 from wsproto.events import CloseConnection
 
-import core
-from backends.auth import jwt_verifier
+from hubbub import core
+from hubbub.backends.auth import jwt_verifier
 from tests.hub import Hub
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import core
+from hubbub import core
 from tests.hub import Hub
 
 HOSTILE_SCALARS = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import core
+from hubbub import core
 from tests.hub import Hub, upgrade_request
 from tests.wire import frame
 

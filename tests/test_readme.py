@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import core
+from hubbub import core
 from tests.servers import ROOT
 
 START = "<!-- limits-table: generated from core.Config; tests/test_readme.py checks it -->"

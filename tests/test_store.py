@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.store import SCHEMA_VERSION, MemoryStore, PostgresStore, SQLiteStore, Store, StoreError, open_store
+from hubbub.backends.store import SCHEMA_VERSION, MemoryStore, PostgresStore, SQLiteStore, Store, StoreError, open_store
 from tests.services import DATABASE_URL, drop_schema, postgres_schema, require
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.store import (
+from hubbub.backends.store import (
     DEFAULT_RETENTION,
     MEMORY_PER_ROOM,
     SCHEMA_VERSION,

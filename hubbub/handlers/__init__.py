@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core import Config, Router
+from hubbub.core import Config, Router
 
 from . import chat, echo, presence
 

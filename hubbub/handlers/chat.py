@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from core import Ack, Connection, Endpoint, EventError, History, Publish, Stored
+from hubbub.core import Ack, Connection, Endpoint, EventError, History, Publish, Stored
 
 DEFAULT_ROOM = "lobby"
 DEFAULT_HISTORY = 50

@@ -6,7 +6,7 @@ check a client library or a proxy in front of hubbub.
 
 from __future__ import annotations
 
-from core import Connection, Endpoint
+from hubbub.core import Connection, Endpoint
 
 
 def on_raw(conn: Connection, message: str | bytes) -> None:

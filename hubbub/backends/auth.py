@@ -13,7 +13,7 @@ from typing import Any
 
 import jwt
 
-from core import Unauthorized
+from hubbub.core import Unauthorized
 
 
 def _algorithm_for(public_key: str) -> str:

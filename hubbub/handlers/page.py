@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from importlib.resources import files
 
-from core import HttpReply, Server
+from hubbub.core import HttpReply, Server
 
 PAGE = files(__package__).joinpath("static", "index.html").read_bytes()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core import Connection, Endpoint
+from hubbub.core import Connection, Endpoint
 
 ROOM = "presence"
 
