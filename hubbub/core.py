@@ -5,23 +5,38 @@ effects come out. No sockets, no event loop, no clock of its own and no
 module-level mutable state, so one process can run several ``Server`` objects
 and a test can replay a whole session (ping timeouts included) in microseconds.
 
-The file reads top-down: values (config, effects, errors), the frame encoder,
-the permessage-deflate and size-limit extensions for wsproto, the router, the
-connection, rooms, and last the ``Server`` that ties them together.
+The file reads top-down, and each class owns its state; the others reach it
+through its public methods:
 
-Typical use from an event loop::
+- ``Config`` (every limit), the effects (``Stored``, ``Publish``, ``History``,
+  ``PresenceChanged``, ``Failure``) and ``Metrics`` (counts only): plain values.
+- ``decode_event``, ``OutboundMessage``: strict JSON in, frames out, encoded once.
+- ``BoundedDeflate``, ``SizeLimit``: wsproto extensions that bound inflating and message size.
+- ``Router``: path templates to ``Endpoint``s, the routes' handlers.
+- ``Gatekeeper``: the handshake as a pure decision: ``Refuse``, ``ServeHttp`` or ``Upgrade``.
+- ``Timers``: one heap of deadlines, by ``TimerKind``.
+- ``Connection``: one client: its parsers, output queue, rate bucket and keepalive; and the
+  API handlers use (they are never handed the server).
+- ``Room``: one room's members, per-pass batch and presence window; ``Rooms``: all of them,
+  joins, leaves and presence.
+- ``Cluster``: the other instances, as their heartbeats describe them; duplicate detection.
+- ``Server``: ties them together: the shell's API, frame dispatch, the backends' replies and
+  the close lifecycle (``send_close``, ``fail``, ``abort``).
+
+Typical use from an event loop (README.md, "Embedding the core", has a complete one)::
 
     server = Server(router, Config())
     conn = server.connect(peer=("127.0.0.1", 50422), now=now)
     server.receive(conn, data, now)         # b"" means the peer closed its side
-    for c in server.pending():              # connections that gained output
+    for effect in server.effects():         # Stored, History, Publish: the backends carry them out
+        ...                                 # and answer with server.ack(...), history_reply(...)
+    shared = server.take_shared()           # each room's broadcasts of the pass: one bytes object
+    for c in server.pending():              # connections that gained output of their own: first
         transport_of[c].write(c.data_to_send())
         if c.closed: transport_of[c].close()
-    deadline = server.tick(now)             # keepalive, handshake and close timers
-
-A shell that wants the fast path calls ``take_shared()`` before ``pending()``: each
-room's broadcasts of the pass come as one bytes object for many connections (see
-``Room``), written after each connection's own output.
+    for data, members in shared:
+        for c in members: transport_of[c].write(data)
+    deadline = server.tick(now)             # keepalive, handshake and close timers, presence windows
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ import json
 import re
 import struct
 import zlib
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -53,9 +68,11 @@ __all__ = [
     "Ack",
     "Config",
     "Connection",
+    "Decision",
     "Endpoint",
     "EventError",
     "Failure",
+    "Gatekeeper",
     "History",
     "HttpReply",
     "HttpRoute",
@@ -63,14 +80,20 @@ __all__ = [
     "Metrics",
     "PresenceChanged",
     "Publish",
+    "Refuse",
     "Room",
     "Router",
+    "ServeHttp",
     "Server",
     "State",
     "Stored",
+    "TimerKind",
     "Unauthorized",
+    "Upgrade",
     "UsageError",
+    "decode_event",
     "encode_frame",
+    "healthz",
 ]
 
 # ---------------------------------------------------------------------------
@@ -502,9 +525,10 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Match:
+    """A request path matched to its endpoint, with the path's parameters decoded."""
+
     endpoint: Endpoint
     params: dict[str, str]
-    template: str
 
 
 _PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)}")
@@ -553,37 +577,57 @@ class Router:
     """Path templates such as ``/chat/{room}`` compiled to regexes when added."""
 
     def __init__(self) -> None:
-        self._routes: list[tuple[re.Pattern[str], str, Endpoint]] = []
+        self._routes: list[tuple[re.Pattern[str], Endpoint]] = []
 
     def add(self, template: str, endpoint: Endpoint) -> None:
+        """Add a route; ``ValueError`` for a template that is not ``/literal/{name}/...`` with distinct
+        parameter names (each a Python identifier), rather than a regex error or a route that never matches."""
+        if not template.startswith("/"):
+            raise ValueError(f"route template {template!r} must start with '/'")
+        names = _PARAM.findall(template)
+        if len(set(names)) != len(names):
+            raise ValueError(f"route template {template!r} names a parameter twice")
+        if "{" in _PARAM.sub("", template) or "}" in _PARAM.sub("", template):
+            raise ValueError(f"route template {template!r}: a parameter is {{name}}, name an identifier")
         pattern, pos = "^", 0
         for m in _PARAM.finditer(template):
             pattern += re.escape(template[pos : m.start()]) + f"(?P<{m.group(1)}>[^/]+)"
             pos = m.end()
         pattern += re.escape(template[pos:]) + "$"
-        self._routes.append((re.compile(pattern), template, endpoint))
+        self._routes.append((re.compile(pattern), endpoint))
 
     def match(self, path: str) -> Match | None:
         """The route ``path`` names, with its parameters decoded; ``ValueError`` for a bad parameter."""
-        for regex, template, endpoint in self._routes:
+        for regex, endpoint in self._routes:
             m = regex.match(path)
             if m is not None:
-                params = {k: path_param(v) for k, v in m.groupdict().items()}
-                return Match(endpoint, params, template)
+                return Match(endpoint, {k: path_param(v) for k, v in m.groupdict().items()})
         return None
 
 
+def route_event(endpoint: Endpoint, text: str) -> tuple[Handler, dict[str, Any]] | EventError:
+    """One client message on a JSON route: its handler and the event, or the error it gets
+    (``bad_json``, ``not_object``, ``missing_event``, ``unknown_event``)."""
+    try:
+        event = decode_event(text)
+    except RecursionError:
+        return EventError("bad_json", "JSON nested too deeply")
+    except ValueError as exc:
+        return EventError("bad_json", f"invalid JSON: {exc}")
+    if not isinstance(event, dict):
+        return EventError("not_object", "expected a JSON object")
+    name = event.get("event")
+    if not isinstance(name, str):
+        return EventError("missing_event", 'expected a string field "event"')
+    handler = endpoint.events.get(name)
+    if handler is None:
+        return EventError("unknown_event", f"unknown event {name[:64]!r}")
+    return handler, event
+
+
 # ---------------------------------------------------------------------------
-# Connection
+# The handshake: a pure decision about one HTTP request
 # ---------------------------------------------------------------------------
-
-
-class State(enum.Enum):
-    HANDSHAKE = "handshake"  # reading the HTTP request
-    OPEN = "open"
-    CLOSING = "closing"  # our close frame is out; waiting for the peer's
-    CLOSED = "closed"
-
 
 _HTTP_REASONS = {
     101: "Switching Protocols",
@@ -607,6 +651,9 @@ HttpReply = tuple[int, bytes, str] | tuple[int, bytes, str, Iterable[tuple[str, 
 HttpRoute = Callable[["Server", Mapping[bytes, bytes]], HttpReply]
 """A plain-HTTP route, called as ``route(server, request_headers)`` (names lower-case bytes)."""
 
+Verifier = Callable[[str], Mapping[str, Any]]
+"""Checks a bearer token and returns its claims, or raises ``Unauthorized``."""
+
 
 def http_response(
     status: int,
@@ -627,690 +674,66 @@ def http_response(
     return "\r\n".join(lines).encode("latin-1") + body
 
 
-REPLY_ALLOWANCE = 4
-"""Replies a client asked for may queue up to this many times ``max_buffer`` before it is a slow consumer."""
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Decision: answer ``status`` with ``reason`` as the body, then close (never accept-then-close)."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...] = ()
+    failure: Exception | None = None
+    """An exception contained while deciding (a token verifier's surprise): the server counts it."""
 
 
-class Connection:
-    """One client, from its first byte to its close; also the context handlers work with.
+@dataclass(frozen=True, slots=True)
+class ServeHttp:
+    """Decision: a plain HTTP request for one of the server's HTTP routes (``head``: answer without the body)."""
 
-    Handlers read ``id``, ``user``, ``params``, ``query``, ``claims``, ``peer``
-    and act through ``send``, ``join``, ``broadcast``, ``close`` and friends.
-    """
-
-    __slots__ = (
-        "_binary",
-        "_handshake_deadline",
-        "_http",
-        "_parts",
-        "_ping_seq",
-        "_pong_due",
-        "_tokens",
-        "_tokens_at",
-        "_ws",
-        "address",
-        "backlogged",
-        "claims",
-        "close_code",
-        "close_reason",
-        "deflate_bits",
-        "endpoint",
-        "id",
-        "outbound",
-        "outbound_size",
-        "params",
-        "peer",
-        "query",
-        "reply_size",
-        "rooms",
-        "server",
-        "shell",
-        "state",
-        "status",
-        "user",
-    )
-
-    def __init__(self, server: Server, conn_id: int, peer: Any, now: float) -> None:
-        self.id = conn_id
-        self.peer = peer
-        self.address = peer[0] if isinstance(peer, tuple) and peer else peer  # the client's IP address
-        self.state = State.HANDSHAKE
-        self.server = server
-        self.user = "anonymous"
-        self.params: dict[str, str] = {}
-        self.query: dict[str, str] = {}
-        self.claims: Mapping[str, Any] = {}
-        self.endpoint: Endpoint | None = None
-        self.rooms: list[Room] = []
-        self.outbound: list[bytes] = []
-        self.outbound_size = 0
-        self.reply_size = 0  # queued bytes of replies the client asked for (see ``reply``)
-        self.status: int | None = None  # the HTTP status we answered: 101, or why we refused
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.deflate_bits: int | None = None
-        self.shell: Any = None  # the shell's own object for this connection (its socket or transport)
-        self.backlogged = False  # input is buffered that this pass had no budget for: see Server.resume
-        self._http: h11.Connection | None = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=server.config.max_header_bytes
-        )
-        self._ws: WSConnection | None = None
-        self._parts: list[str | bytes] = []
-        self._binary = False
-        self._tokens = server.config.rate_limit
-        self._tokens_at = now
-        self._ping_seq = 0
-        self._pong_due = False
-        self._handshake_deadline = now + server.config.handshake_timeout
-
-    def __repr__(self) -> str:
-        return f"<Connection {self.id} {self.state.value} user={self.user!r} peer={self.peer!r}>"
-
-    @property
-    def closed(self) -> bool:
-        """True once the shell should close the socket (after writing what is queued)."""
-        return self.state is State.CLOSED
-
-    def data_to_send(self) -> bytes:
-        """Everything queued for this connection, in order; the queue is emptied."""
-        out = self.outbound
-        if not out:
-            return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self.outbound_size = 0
-        self.reply_size = 0
-        self.server.metrics.bytes_out += len(data)
-        return data
-
-    # -- what handlers call ------------------------------------------------
-
-    def send(self, payload: Mapping[str, Any]) -> None:
-        """Send one JSON event to this connection."""
-        if self.state is State.OPEN:
-            self._queue(text_message(payload, self.server.config))
-
-    def send_message(self, message: str | bytes) -> None:
-        """Send a text (str) or binary (bytes) message as it is."""
-        if self.state is State.OPEN:
-            cfg = self.server.config
-            opcode, payload = (_TEXT, message.encode()) if isinstance(message, str) else (_BINARY, bytes(message))
-            self._queue(OutboundMessage(opcode, payload, cfg.compression_min_size, cfg.compression_level))
-
-    def error(self, code: str, detail: str) -> None:
-        self.send({"event": "error", "code": code, "detail": detail})
-
-    def join(self, room: str, presence: bool = False) -> Room:
-        """Join a room (created on first use); with ``presence`` the room tracks users."""
-        return self.server._join(self, room, presence)
-
-    def broadcast(self, room: str, payload: Mapping[str, Any], exclude: Connection | None = None) -> None:
-        self.server.broadcast(room, payload, exclude=exclude)
-
-    def emit(self, effect: Effect) -> None:
-        self.server._effects.append(effect)
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake (the peer's close frame or ``close_timeout`` ends it)."""
-        self.server._close(self, code, reason, wait=True)
-
-    # -- internals ---------------------------------------------------------
-
-    def reply(self, payload: Mapping[str, Any]) -> None:
-        """Send one JSON event this connection asked for (a history page, a presence list).
-
-        Such a reply may be large, and asking for a lot does not make a slow consumer: its
-        bytes do not count against ``max_buffer`` (only against ``REPLY_ALLOWANCE`` times it,
-        so one that asks again and again without reading is still closed)."""
-        if self.state is State.OPEN:
-            self._queue_raw(text_message(payload, self.server.config).frame_for(self.deflate_bits), reply=True)
-
-    def _queue(self, message: OutboundMessage) -> None:
-        self._queue_raw(message.frame_for(self.deflate_bits))
-
-    def _queue_raw(self, data: bytes, reply: bool = False) -> None:
-        """This connection's own output (events, control frames, HTTP answers), after what its rooms
-        broadcast to it so far in this pass; pongs to a ping flood count against the buffer too."""
-        if data:
-            for room in self.rooms:
-                if room._batch is not None and self not in room._detached:
-                    self.server._detach(room, self)
-            if reply:
-                self.outbound.append(bytes(data))
-                self.reply_size += len(data)
-                self.server._pending[self] = None
-                if self.reply_size > REPLY_ALLOWANCE * self.server.config.max_buffer:
-                    self.server._slow.append(self)
-            else:
-                self._append(bytes(data))
-
-    def _append(self, data: bytes) -> None:
-        self.outbound.append(data)
-        self.outbound_size += len(data)
-        server = self.server
-        server._pending[self] = None
-        if self.outbound_size > server.config.max_buffer:
-            server._slow.append(self)
+    route: HttpRoute
+    head: bool
+    headers: Mapping[bytes, bytes]
+    """The request's headers, names lower-case, repeated ones joined with ", "."""
 
 
-# ---------------------------------------------------------------------------
-# Rooms
-# ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """Decision: accept the WebSocket, with everything the connection opens with."""
+
+    endpoint: Endpoint
+    params: Mapping[str, str]
+    query: Mapping[str, str]
+    user: str
+    claims: Mapping[str, Any]
+    expires: float | None
+    """The token's ``exp`` (Unix seconds): the connection is closed 1008 then. None: no token, or no expiry."""
+    extensions: tuple[Extension, ...]
+    """wsproto's extensions for this connection: permessage-deflate if agreed, then the size limit."""
+    deflate_bits: int | None
+    response: bytes
+    """The ``101 Switching Protocols`` answer."""
 
 
-class Room:
-    """Members of one named room, and, for presence rooms, who is in it.
-
-    Broadcasts of one pass (one input, or one ``tick``) collect in the room's batch, one
-    list of frames per compression group, and leave as one bytes object shared by every
-    member of the group (``Server.take_shared``): a pipelining sender's messages cost each
-    recipient one write per pass, not one per message. Members that must not take the
-    whole batch (the sender it excludes, a member that joined mid-pass or got output of its
-    own in between) are *detached* for the rest of the pass and get frames one by one; so are
-    members of several rooms, whose frames must keep their order across rooms.
-    """
-
-    __slots__ = (
-        "_batch",
-        "_detached",
-        "_flush_at",
-        "_log",
-        "_multi",
-        "_newcomers",
-        "groups",
-        "members",
-        "name",
-        "presence",
-        "users",
-    )
-
-    def __init__(self, name: str, presence: bool) -> None:
-        self.name = name
-        self.members: dict[Connection, None] = {}
-        self.groups: dict[int | None, dict[Connection, None]] = {}  # deflate window bits (None: off) -> members
-        self._batch: dict[int | None, list[bytes]] | None = None  # this pass's frames per group, while open
-        self._detached: dict[Connection, None] = {}  # members served one frame at a time until the pass ends
-        self._multi: dict[Connection, None] = {}  # members of other rooms too: detached in every pass
-        self.presence = presence
-        self.users: dict[str, int] = {}  # user -> open connections in this room
-        self._log: list[tuple[str, bool]] = []  # (user, joined) in this presence window
-        self._newcomers: dict[Connection, None] = {}  # joined in this window: their state comes at its end
-        self._flush_at: float | None = None
-
-    def user_list(self) -> list[str]:
-        return sorted(self.users)
-
-    def diff(self) -> tuple[list[str], list[str]]:
-        """Net joins and leaves in this window's log."""
-        net: dict[str, int] = {}
-        for user, joined in self._log:
-            net[user] = net.get(user, 0) + (1 if joined else -1)
-        joins = sorted(u for u, n in net.items() if n > 0)
-        leaves = sorted(u for u, n in net.items() if n < 0)
-        return joins, leaves
+Decision = Refuse | ServeHttp | Upgrade
 
 
-# ---------------------------------------------------------------------------
-# Server
-# ---------------------------------------------------------------------------
-
-_PING, _PONG_DUE, _HANDSHAKE, _CLOSING, _PRESENCE, _TOKEN_EXPIRY, _NODE_EXPIRY = range(7)
-
-Verifier = Callable[[str], Mapping[str, Any]]
-"""Checks a bearer token and returns its claims, or raises ``Unauthorized``."""
-
-
-class RemoteNode:
-    """Another instance as its presence heartbeats describe it: its users per room, until ``deadline``."""
-
-    __slots__ = ("deadline", "rooms")
-
-    def __init__(self) -> None:
-        self.rooms: dict[str, frozenset[str]] = {}
-        self.deadline = 0.0
-
-
-class Server:
-    """All connections and rooms of one hubbub instance; see the module docstring."""
+class Gatekeeper:
+    """The handshake policy, as a pure decision in h11's manner: one parsed HTTP request in, one
+    frozen ``Refuse``, ``ServeHttp`` or ``Upgrade`` out (tests assert on them). It owns the rules
+    (header limits, Host and Origin, the route, the WebSocket headers, user names, tokens and their
+    room claims, per-address and total limits, permessage-deflate) and no state: the counts it
+    needs come in as arguments, and the server carries the decision out."""
 
     def __init__(
-        self,
-        router: Router,
-        config: Config | None = None,
-        http_routes: Mapping[str, HttpRoute] | None = None,
-        verifier: Verifier | None = None,
+        self, router: Router, config: Config, http_routes: Mapping[str, HttpRoute], verifier: Verifier | None
     ) -> None:
-        """``verifier`` turns on token authentication: every WebSocket handshake must carry a token
-        (``?token=`` or ``Authorization: Bearer``) it accepts, and its ``sub`` claim is the user."""
         self.router = router
-        self.config = config or Config()
-        self.connections: dict[int, Connection] = {}
-        self.rooms: dict[str, Room] = {}
-        self.open_count = 0
-        self._http_routes = {"/healthz": Server._healthz, **(http_routes or {})}
-        self._next_id = 1
-        self._addresses: dict[Any, int] = {}  # client address -> its sockets still open (handshakes included)
-        self._pending: dict[Connection, None] = {}
-        self._batched: list[Room] = []  # rooms with broadcasts in this pass, for take_shared
-        self._slow: list[Connection] = []
-        self._effects: list[Effect] = []
-        self._timers: list[tuple[float, int, int, Any, int]] = []
-        self._timer_seq = 0
-        self._now = 0.0
-        self._id_ms = 0
-        self._id_seq = 0
-        self.metrics = Metrics()
-        self._verifier = verifier
-        self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
-        self._remote: dict[str, RemoteNode] = {}  # other instances' presence, by node tag
-        self._remote_users: dict[str, dict[str, int]] = {}  # room -> user -> instances listing them
-        self._last_id: dict[str, str] = {}  # node -> newest message id delivered from it
-        self._presence_dirty = False
+        self.config = config
+        self.http_routes = http_routes
+        self.verifier = verifier
 
-    # -- the API the shell drives -----------------------------------------
-
-    def connect(self, peer: Any, now: float) -> Connection:
-        """A new TCP connection: it must send its HTTP request within the handshake timeout."""
-        self._now = now
-        conn = Connection(self, self._next_id, peer, now)
-        self._next_id += 1
-        self.connections[conn.id] = conn
-        addresses = self._addresses
-        addresses[conn.address] = addresses.get(conn.address, 0) + 1
-        self._schedule(conn._handshake_deadline, _HANDSHAKE, conn.id)
-        return conn
-
-    def receive(self, conn: Connection, data: bytes, now: float) -> None:
-        """Feed bytes from the peer (``b""`` when it closed its side). Never raises for peer input."""
-        self._now = now
-        self.metrics.bytes_in += len(data)
-        state = conn.state
-        try:
-            if state is State.OPEN or state is State.CLOSING:
-                self._receive_frames(conn, data)
-            elif state is State.HANDSHAKE:
-                self._receive_request(conn, data)
-        except Exception as exc:  # our bug, triggered by this peer's input: it costs this connection only
-            self._contain("receive", conn, exc)
-        self._settle()
-
-    def resume(self, conn: Connection, now: float) -> None:
-        """Handle the next budget of a backlogged connection's buffered input.
-
-        After ``receive`` leaves a connection ``backlogged`` (it had more frames than
-        ``Config.frames_per_pass``), the shell stops reading its socket and calls this in a
-        later loop pass, after the other connections had their turn; it reads the socket
-        again once the connection is no longer ``backlogged``."""
-        self._now = now
-        if conn.backlogged and (conn.state is State.OPEN or conn.state is State.CLOSING):
-            try:
-                self._process_frames(conn, self.config.frames_per_pass)
-            except Exception as exc:
-                self._contain("receive", conn, exc)
-        else:
-            conn.backlogged = False
-        self._settle()
-
-    def tick(self, now: float) -> float | None:
-        """Run every timer that is due; return when the next one is (None: no timers)."""
-        self._now = now
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, kind, target, seq = heapq.heappop(timers)
-            try:
-                self._fire(kind, target, seq, now)
-            except Exception as exc:  # one timer's failure must not cost the others
-                self._contain("timer", self.connections.get(target) if isinstance(target, int) else None, exc)
-        self._settle()
-        return timers[0][0] if timers else None
-
-    def pending(self) -> list[Connection]:
-        """Connections that gained output or closed since the last call.
-
-        Room broadcasts not taken with ``take_shared`` are queued to each member first,
-        so a shell that only calls ``pending`` and ``data_to_send`` sees everything."""
-        if self._batched:
-            for data, members in self._take_batches():
-                for member in members:
-                    member._append(data)
-        self._settle()
-        if not self._pending:
-            return []
-        conns = list(self._pending)
-        self._pending.clear()
-        return conns
-
-    def take_shared(self) -> list[tuple[bytes, list[Connection]]]:
-        """This pass's room broadcasts: (bytes, the connections that take exactly those bytes).
-
-        The fast write path: one bytes object per room and compression group, written as it
-        is to each listed connection's socket. Call it before ``pending``: output a connection
-        gained before its room's first broadcast of the pass is in ``pending`` and must be
-        written first; anything later was queued in order there and the connection is not
-        listed here. A connection whose socket cannot take the bytes now gets them through
-        ``enqueue``."""
-        shared = self._take_batches()
-        for data, members in shared:
-            self.metrics.bytes_out += len(data) * len(members)
-        return shared
-
-    def enqueue(self, conn: Connection, data: bytes) -> None:
-        """Queue shared bytes the shell could not write now (its socket is full), behind the
-        connection's own output; they count against ``max_buffer`` (``pending`` closes it with 1013)."""
-        if conn.state is State.OPEN:
-            conn._append(data)
-
-    def effects(self) -> list[Effect]:
-        """Work for the shell's backends since the last call (store, history, logs)."""
-        effects, self._effects = self._effects, []
-        self._presence_dirty = False
-        return effects
-
-    def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
-        """Queue a close for every client (1001 on shutdown) and drop unfinished handshakes."""
-        for conn in list(self.connections.values()):
-            if conn.state is State.OPEN:
-                self._close(conn, code, reason, wait=True)
-            elif conn.state is State.HANDSHAKE:
-                self._drop(conn)
-        self._settle()
-
-    def broadcast(self, room: str, payload: Mapping[str, Any], exclude: Connection | None = None) -> int:
-        """Send one JSON event to every member of ``room`` but ``exclude``; returns the recipients.
-
-        The event is serialised once (and compressed once per window size) and added to the
-        room's batch for this pass; see ``Room`` and ``take_shared``. Nothing here is per recipient
-        but the members detached for this pass.
-        """
-        target = self.rooms.get(room)
-        if target is None:
-            return 0
-        count = self._add_to_batch(target, text_message(payload, self.config), (exclude,) if exclude else ())
-        self.metrics.deliveries += count
-        return count
-
-    def _add_to_batch(self, target: Room, message: OutboundMessage, excluded: Collection[Connection]) -> int:
-        """One message for every member of ``target`` but ``excluded``; returns how many get it."""
-        batch = target._batch
-        if batch is None:
-            batch = target._batch = {}
-            self._batched.append(target)
-            if target._multi:
-                target._detached.update(target._multi)
-        detached = target._detached
-        members = target.members
-        count = len(members)
-        for conn in excluded:
-            if conn in members:
-                count -= 1
-                if conn not in detached:
-                    self._detach(target, conn)
-        for bits in target.groups:
-            frames = batch.get(bits)
-            if frames is None:
-                batch[bits] = [message.frame_for(bits)]
-            else:
-                frames.append(message.frame_for(bits))
-        for member in detached:
-            if member not in excluded:
-                member._append(message.frame_for(member.deflate_bits))
-        return count
-
-    def _detach(self, room: Room, conn: Connection) -> None:
-        """From now until the pass ends, ``conn`` takes ``room``'s frames one by one (it gets the
-        frames batched so far at once), so its own output and exclusions keep their order."""
-        assert room._batch is not None
-        room._detached[conn] = None
-        frames = room._batch.get(conn.deflate_bits)
-        if frames:
-            conn._append(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def _take_batches(self) -> list[tuple[bytes, list[Connection]]]:
-        shared: list[tuple[bytes, list[Connection]]] = []
-        for room in self._batched:
-            batch, room._batch = room._batch, None
-            detached = room._detached
-            if detached:
-                room._detached = {}
-            if batch is None:
-                continue
-            for bits, frames in batch.items():
-                group = room.groups.get(bits)
-                if not group:
-                    continue
-                members = list(group)
-                for member in detached:  # few: this pass's senders, late joiners, multi-room members
-                    if member in group:
-                        members.remove(member)
-                if members:
-                    shared.append((frames[0] if len(frames) == 1 else b"".join(frames), members))
-        self._batched.clear()
-        return shared
-
-    def deliver(self, room: str, payload: Mapping[str, Any], node: str | None = None) -> int | None:
-        """A message from the broker (another instance) for the local members of ``room``.
-
-        Returns how many members it went to, or None when it was dropped as already delivered.
-
-        With the publishing instance's ``node`` tag, each message is delivered once and in
-        order: our own messages coming back are ignored (we delivered them when they were
-        sent), and so is any id not newer than the last one delivered from that node (a
-        publisher that replays after a broker outage may resend what already arrived).
-        """
-        if node is not None:
-            if node == self.config.node:
-                return None
-            message_id = payload.get("id")
-            if isinstance(message_id, str):
-                last = self._last_id.get(node)
-                if last is not None and message_id <= last:
-                    self.metrics.duplicates += 1
-                    return None
-                self._last_id[node] = message_id
-        try:
-            count: int | None = self.broadcast(room, payload)
-        except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
-            self._contain("deliver", None, exc)
-            count = None
-        self._settle()
-        return count
-
-    def ack(self, acks: Iterable[Ack]) -> None:
-        """The store committed these messages: tell each sender that is still connected."""
-        connections = self.connections
-        for ack in acks:
-            conn = connections.get(ack.conn_id)
-            if conn is not None and ack.ref is not None:
-                try:
-                    conn.send({"event": "ack", "ref": ack.ref, "id": ack.id})
-                except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
-                    self._contain("ack", conn, exc)
-        self._settle()
-
-    def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
-        """The store could not keep these messages: each sender gets an ``unavailable`` error."""
-        connections = self.connections
-        for ack in acks:
-            conn = connections.get(ack.conn_id)
-            if conn is not None:
-                error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
-                if ack.ref is not None:
-                    error["ref"] = ack.ref
-                try:
-                    conn.send(error)
-                except Exception as exc:
-                    self._contain("ack", conn, exc)
-        self._settle()
-
-    def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]]) -> None:
-        """The store's answer to a ``History`` effect."""
-        conn = self.connections.get(conn_id)
-        if conn is not None:
-            try:
-                conn.reply(self.history_page(room, messages))
-            except Exception as exc:
-                self._contain("history", conn, exc)
-            self._settle()
-
-    def history_page(self, room: str, messages: list[Mapping[str, Any]]) -> dict[str, Any]:
-        """A ``history`` event that fits in ``max_buffer``: the newest messages that fit, oldest first,
-        with ``"truncated": true`` when older ones had to be left out (the client pages on with
-        ``before`` set to the first id). Sixty 60 KB messages must not make a reply no client can take."""
-        page: dict[str, Any] = {"event": "history", "room": room, "messages": messages}
-        budget = self.config.max_buffer
-        if len(_encode_json(page).encode()) <= budget:
-            return page
-        used = len(_encode_json({**page, "messages": [], "truncated": True}).encode())
-        kept = 0
-        for message in reversed(messages):
-            used += len(_encode_json(message).encode()) + 1
-            if used > budget and kept:
-                break
-            kept += 1
-        return {**page, "messages": messages[len(messages) - kept :], "truncated": True}
-
-    def history_failed(self, conn_id: int, detail: str) -> None:
-        """The store could not answer a ``History`` effect."""
-        conn = self.connections.get(conn_id)
-        if conn is not None:
-            conn.error("unavailable", detail)
-
-    def set_available(self, backend: str, up: bool) -> None:
-        """The shell's latest word on a backend ("store", "broker"); /healthz answers 503 while one is down."""
-        self._backends[backend] = up
-
-    def available(self, backend: str) -> bool:
-        """False only after the shell said ``backend`` is down (handlers refuse to write then)."""
-        return self._backends.get(backend, True)
-
-    # -- presence across instances ------------------------------------------
-
-    def local_presence(self) -> dict[str, list[str]]:
-        """This instance's own users per presence room: what its heartbeats tell the others."""
-        return {name: room.user_list() for name, room in self.rooms.items() if room.presence and room.users}
-
-    def remote_presence(self, node: str, rooms: Mapping[str, Iterable[str]] | None, now: float) -> None:
-        """Another instance's heartbeat: its users per presence room (None: it said goodbye).
-
-        Its users count as present until ``presence_ttl`` passes without another heartbeat.
-        """
-        if node == self.config.node:
-            return
-        self._now = now
-        try:
-            self._remote_heartbeat(node, rooms, now)
-        except Exception as exc:  # a malformed heartbeat costs that heartbeat
-            self._contain("presence", None, exc)
-        self._settle()
-
-    def _remote_heartbeat(self, node: str, rooms: Mapping[str, Iterable[str]] | None, now: float) -> None:
-        remote = self._remote.get(node)
-        if rooms is None:
-            if remote is not None:
-                self._expire_node(node)
-            return
-        if remote is None:
-            remote = self._remote[node] = RemoteNode()
-        new = {room: frozenset(users) for room, users in rooms.items()}
-        old = remote.rooms
-        remote.rooms = new
-        for room in old.keys() | new.keys():
-            before, after = old.get(room, frozenset()), new.get(room, frozenset())
-            if before != after:
-                self._remote_change(room, after - before, before - after)
-        remote.deadline = now + self.config.presence_ttl
-        self._schedule(remote.deadline, _NODE_EXPIRY, node)
-
-    def _expire_node(self, node: str) -> None:
-        remote = self._remote.pop(node)
-        self._last_id.pop(node, None)
-        for room, users in remote.rooms.items():
-            self._remote_change(room, frozenset(), users)
-
-    def _remote_change(self, name: str, joined: Iterable[str], left: Iterable[str]) -> None:
-        counts = self._remote_users.setdefault(name, {})
-        room = self.rooms.get(name)
-        for user in joined:
-            n = counts.get(user, 0)
-            counts[user] = n + 1
-            if n == 0 and room is not None and room.presence and user not in room.users:
-                self._presence_event(room, user, True)
-        for user in left:
-            n = counts.get(user, 0) - 1
-            if n > 0:
-                counts[user] = n
-                continue
-            counts.pop(user, None)
-            if room is not None and room.presence and user not in room.users:
-                self._presence_event(room, user, False)
-        if not counts:
-            del self._remote_users[name]
-
-    def _presence_changed(self) -> None:
-        if not self._presence_dirty:
-            self._presence_dirty = True
-            self._effects.append(PresenceChanged())
-
-    def new_id(self) -> str:
-        """A unique, time-ordered message id: milliseconds, a sequence and the node tag."""
-        ms = int(self._now * 1000)
-        if ms > self._id_ms:
-            self._id_ms, self._id_seq = ms, 0
-        else:
-            self._id_seq += 1
-        return f"{self._id_ms:012x}{self._id_seq:06x}{self.config.node}"
-
-    @property
-    def next_deadline(self) -> float | None:
-        """When ``tick`` next has work to do (None: no timer is set)."""
-        return self._timers[0][0] if self._timers else None
-
-    @property
-    def now(self) -> float:
-        """The time of the input being handled, as the shell passed it (Unix seconds)."""
-        return self._now
-
-    def stats(self) -> dict[str, Any]:
-        """Counts only, never content: what /healthz reports."""
-        by_route: dict[str, int] = {}
-        for conn in self.connections.values():
-            if conn.state is State.OPEN and conn.endpoint is not None:
-                by_route[conn.endpoint.name] = by_route.get(conn.endpoint.name, 0) + 1
-        presence_users = sum(len(r.users) for r in self.rooms.values() if r.presence)
-        down = sorted(name for name, up in self._backends.items() if not up)
-        return {
-            "status": "unavailable" if down else "ok",
-            "backends": {name: "up" if up else "down" for name, up in sorted(self._backends.items())},
-            "instances": len(self._remote) + 1,
-            "connections": self.open_count,
-            "sockets": len(self.connections),
-            "rooms": len(self.rooms),
-            "presence_users": presence_users,
-            "routes": by_route,
-        }
-
-    # -- handshake ----------------------------------------------------------
-
-    def _receive_request(self, conn: Connection, data: bytes) -> None:
-        http = conn._http
-        assert http is not None
-        if not data:
-            self._drop(conn)
-            return
-        try:
-            http.receive_data(data)
-            event = http.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._answer(conn, exc.error_status_hint, f"bad request: {exc}\n")
-            return
-        if event is h11.NEED_DATA:
-            return
-        if not isinstance(event, h11.Request):
-            self._answer(conn, 400, "bad request\n")
-            return
-        self._handle_request(conn, event, http.trailing_data[0])
-
-    def _handle_request(self, conn: Connection, request: h11.Request, trailing: bytes) -> None:
+    def decide(self, request: h11.Request, from_address: int, open_connections: int) -> Decision:
+        """What to do with ``request``; ``from_address`` counts the sockets its client's address has
+        open (this one included), ``open_connections`` the open WebSocket connections."""
         cfg = self.config
         headers: dict[bytes, bytes] = {}
         head_size = len(request.target)
@@ -1320,138 +743,62 @@ class Server:
             headers[name] = headers[name] + b", " + value if name in headers else value
             head_size += len(name) + len(value) + 4
         if len(raw_items) > cfg.max_headers:
-            self._answer(conn, 431, "too many headers\n")
-            return
+            return Refuse(431, "too many headers")
         # h11 bounds only a head still arriving; one that arrived whole in a single read is measured here
         if head_size > cfg.max_header_bytes:
-            self._answer(conn, 431, "request line and headers too large\n")
-            return
+            return Refuse(431, "request line and headers too large")
         try:
-            target = request.target.decode("ascii")
-            split = urlsplit(target)
+            split = urlsplit(request.target.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
-            self._answer(conn, 400, "bad request target\n")
-            return
+            return Refuse(400, "bad request target")
         if cfg.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):
-            self._answer(conn, 400, "invalid Host header\n")
-            return
-        path = split.path
-        method = request.method
-        upgrade = b"websocket" in headers.get(b"upgrade", b"").lower()
-        if not upgrade:
-            self._answer_http(conn, method, path, headers)
-            return
+            return Refuse(400, "invalid Host header")
+        if b"websocket" not in headers.get(b"upgrade", b"").lower():
+            return self._plain_http(request.method, split.path, headers)
         try:
-            match = self.router.match(path)
+            match = self.router.match(split.path)
         except ValueError as exc:
-            self._answer(conn, 400, f"{exc}\n")
-            return
+            return Refuse(400, str(exc))
         if match is None:
-            self._answer(conn, 404, "no such route\n")
-            return
-        if method != b"GET":
-            self._answer(conn, 405, "method not allowed\n", headers=[("Allow", "GET")])
-            return
+            return Refuse(404, "no such route")
+        if request.method != b"GET":
+            return Refuse(405, "method not allowed", (("Allow", "GET"),))
         connection_tokens = [t.strip() for t in headers.get(b"connection", b"").lower().split(b",")]
         if b"upgrade" not in connection_tokens:
-            self._answer(conn, 400, "missing 'Connection: Upgrade'\n")
-            return
+            return Refuse(400, "missing 'Connection: Upgrade'")
         if headers.get(b"sec-websocket-version") != b"13":
-            self._answer(
-                conn, 426, "only WebSocket version 13 is supported\n", headers=[("Sec-WebSocket-Version", "13")]
-            )
-            return
+            return Refuse(426, "only WebSocket version 13 is supported", (("Sec-WebSocket-Version", "13"),))
         key = headers.get(b"sec-websocket-key", b"")
         try:
             valid_key = len(base64.b64decode(key, validate=True)) == 16
         except (binascii.Error, ValueError):
             valid_key = False
         if not valid_key:
-            self._answer(conn, 400, "missing or invalid Sec-WebSocket-Key\n")
-            return
+            return Refuse(400, "missing or invalid Sec-WebSocket-Key")
         if not self._origin_allowed(headers.get(b"origin"), headers.get(b"host")):
-            self._answer(conn, 403, "origin not allowed\n")
-            return
+            return Refuse(403, "origin not allowed")
         try:
             query = dict(parse_qsl(split.query, errors="strict", max_num_fields=cfg.max_headers))
         except (UnicodeDecodeError, ValueError):
-            self._answer(conn, 400, "bad query string (not UTF-8, or too many fields)\n")
-            return
-        if self._verifier is None:
-            problem = self._bad_user(query.get("user", ""))
+            return Refuse(400, "bad query string (not UTF-8, or too many fields)")
+        if self.verifier is None:
+            user, claims, expires = query.get("user") or "anonymous", {}, None
+            problem = self.bad_user(user)
             if problem:
-                self._answer(conn, 400, f"bad user name: it {problem}\n")
-                return
-        elif not self._authenticate(conn, match, query, headers):
-            return
+                return Refuse(400, f"bad user name: it {problem}")
+        else:
+            identity = self._authenticate(match, query, headers)
+            if isinstance(identity, Refuse):
+                return identity
+            user, claims, expires = identity
         per_address = cfg.max_connections_per_address
-        if per_address > 0 and self._addresses.get(conn.address, 0) > per_address:
-            self._answer(
-                conn, 429, "too many connections from your address, try again later\n", headers=[("Retry-After", "5")]
-            )
-            return
-        if self.open_count >= cfg.max_connections:
-            self._answer(conn, 503, "server full, try again later\n", headers=[("Retry-After", "5")])
-            return
-        self._upgrade(conn, match, query, key, headers, trailing)
+        if per_address > 0 and from_address > per_address:
+            return Refuse(429, "too many connections from your address, try again later", (("Retry-After", "5"),))
+        if open_connections >= cfg.max_connections:
+            return Refuse(503, "server full, try again later", (("Retry-After", "5"),))
+        return self._upgrade(match, query, user, claims, expires, key, headers)
 
-    def _authenticate(
-        self, conn: Connection, match: Match, query: Mapping[str, str], headers: Mapping[bytes, bytes]
-    ) -> bool:
-        """Token authentication before the upgrade: 401 without a valid token, 403 for a room
-        outside its ``rooms`` claim. The token's ``exp`` becomes a timer that closes with 1008."""
-        assert self._verifier is not None
-        token = query.get("token")
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            token = credentials.strip()
-        bearer = [("WWW-Authenticate", 'Bearer realm="hubbub"')]
-        if not token:
-            self._answer(conn, 401, "a token is required (?token= or Authorization: Bearer)\n", headers=bearer)
-            return False
-        try:
-            claims = self._verifier(token)
-        except Unauthorized as exc:
-            self._answer(conn, 401, f"invalid token: {printable(str(exc))}\n", headers=bearer)
-            return False
-        except Exception as exc:  # a verifier's surprise (an overflowing claim, say) is a bad token, not a crash
-            self._contain("verifier", None, exc)
-            self._answer(conn, 401, "invalid token\n", headers=bearer)
-            return False
-        user = claims.get("sub")
-        if not isinstance(user, str) or not user:
-            self._answer(conn, 401, "invalid token: no 'sub' claim\n", headers=bearer)
-            return False
-        problem = self._bad_user(user)
-        if problem:
-            self._answer(conn, 401, f"invalid token: 'sub' {problem}\n", headers=bearer)
-            return False
-        expires = claims.get("exp")
-        if expires is not None:
-            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
-                self._answer(conn, 401, "invalid token: 'exp' must be a number\n", headers=bearer)
-                return False
-            if not -_MAX_TIMESTAMP < expires < _MAX_TIMESTAMP:
-                self._answer(conn, 401, "invalid token: 'exp' is out of range\n", headers=bearer)
-                return False
-        allowed = claims.get("rooms")
-        if allowed is not None and match.endpoint.rooms is not None:
-            patterns = [allowed] if isinstance(allowed, str) else allowed
-            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-                self._answer(conn, 401, "invalid token: 'rooms' must be a list of patterns\n", headers=bearer)
-                return False
-            for room in match.endpoint.rooms(match.params):
-                if not any(fnmatch.fnmatchcase(room, p) for p in patterns):
-                    self._answer(conn, 403, f"this token may not join room {room[:64]!r}\n")
-                    return False
-        conn.user = user
-        conn.claims = claims
-        if expires is not None:
-            self._schedule(float(expires), _TOKEN_EXPIRY, conn.id)
-        return True
-
-    def _bad_user(self, user: str) -> str | None:
+    def bad_user(self, user: str) -> str | None:
         """Why ``user`` cannot be a user name (None: it can): too long, control characters, or not
         encodable (a lone surrogate from a token's JSON). Names go into every message and presence list."""
         try:
@@ -1463,6 +810,62 @@ class Server:
         if _CONTROL.search(user):
             return "holds control characters"
         return None
+
+    def _plain_http(self, method: bytes, path: str, headers: Mapping[bytes, bytes]) -> Decision:
+        route = self.http_routes.get(path)
+        if route is None:
+            try:
+                websocket_route = self.router.match(path) is not None
+            except ValueError:
+                websocket_route = True  # a route's path with a bad parameter: still not plain HTTP
+            if websocket_route:
+                return Refuse(426, "this is a WebSocket endpoint", (("Upgrade", "websocket"),))
+            return Refuse(404, "not found")
+        if method not in (b"GET", b"HEAD"):
+            return Refuse(405, "method not allowed", (("Allow", "GET, HEAD"),))
+        return ServeHttp(route, method == b"HEAD", headers)
+
+    def _authenticate(
+        self, match: Match, query: Mapping[str, str], headers: Mapping[bytes, bytes]
+    ) -> Refuse | tuple[str, Mapping[str, Any], float | None]:
+        """Token authentication: (user, claims, expiry), or 401 without a valid token, 403 for a room
+        outside its ``rooms`` claim."""
+        assert self.verifier is not None
+        token = query.get("token")
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            token = credentials.strip()
+        bearer = (("WWW-Authenticate", 'Bearer realm="hubbub"'),)
+        if not token:
+            return Refuse(401, "a token is required (?token= or Authorization: Bearer)", bearer)
+        try:
+            claims = self.verifier(token)
+        except Unauthorized as exc:
+            return Refuse(401, f"invalid token: {printable(str(exc))}", bearer)
+        except Exception as exc:  # a verifier's surprise (an overflowing claim, say) is a bad token, not a crash
+            return Refuse(401, "invalid token", bearer, failure=exc)
+        user = claims.get("sub")
+        if not isinstance(user, str) or not user:
+            return Refuse(401, "invalid token: no 'sub' claim", bearer)
+        problem = self.bad_user(user)
+        if problem:
+            return Refuse(401, f"invalid token: 'sub' {problem}", bearer)
+        expires = claims.get("exp")
+        if expires is not None:
+            if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+                return Refuse(401, "invalid token: 'exp' must be a number", bearer)
+            if not -_MAX_TIMESTAMP < expires < _MAX_TIMESTAMP:
+                return Refuse(401, "invalid token: 'exp' is out of range", bearer)
+        allowed = claims.get("rooms")
+        if allowed is not None and match.endpoint.rooms is not None:
+            patterns = [allowed] if isinstance(allowed, str) else allowed
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                return Refuse(401, "invalid token: 'rooms' must be a list of patterns", bearer)
+            for room in match.endpoint.rooms(match.params):
+                if not any(fnmatch.fnmatchcase(room, p) for p in patterns):
+                    return Refuse(403, f"this token may not join room {room[:64]!r}")
+        return user, claims, None if expires is None else float(expires)
 
     def _host_allowed(self, host: bytes | None) -> bool:
         """The Host header names this server (``allowed_hosts``), as a DNS-rebinding defence."""
@@ -1492,21 +895,16 @@ class Server:
 
     def _upgrade(
         self,
-        conn: Connection,
         match: Match,
         query: Mapping[str, str],
+        user: str,
+        claims: Mapping[str, Any],
+        expires: float | None,
         key: bytes,
         headers: Mapping[bytes, bytes],
-        trailing: bytes,
-    ) -> None:
+    ) -> Upgrade:
         cfg = self.config
-        endpoint = match.endpoint
-        max_size = endpoint.max_message_size or cfg.max_message_size
-        conn.endpoint = endpoint
-        conn.params = match.params
-        conn.query = dict(query)
-        if self._verifier is None:  # with tokens, _authenticate set the user from "sub"
-            conn.user = conn.query.get("user") or "anonymous"
+        max_size = match.endpoint.max_message_size or cfg.max_message_size
         response = [
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
@@ -1514,197 +912,1402 @@ class Server:
             f"Sec-WebSocket-Accept: {generate_accept_token(key).decode()}",
         ]
         extensions: list[Extension] = []
+        deflate_bits = None
         offers = headers.get(b"sec-websocket-extensions")
         if cfg.compression and offers:
             negotiated = negotiate_deflate(offers.decode("latin-1").split(","), max_size)
             if negotiated is not None:
                 deflate_ext, accept_header = negotiated
                 extensions.append(deflate_ext)
-                conn.deflate_bits = deflate_ext.server_max_window_bits
+                deflate_bits = deflate_ext.server_max_window_bits
                 response.append(f"Sec-WebSocket-Extensions: {accept_header}")
         extensions.append(SizeLimit(max_size))
-        conn._queue_raw(("\r\n".join(response) + "\r\n\r\n").encode("latin-1"))
-        conn._http = None
-        conn.status = 101
-        conn._ws = WSConnection(ConnectionType.SERVER, extensions)
-        conn.state = State.OPEN
+        return Upgrade(
+            match.endpoint, match.params, query, user, claims, expires, tuple(extensions), deflate_bits,
+            ("\r\n".join(response) + "\r\n\r\n").encode("latin-1"),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Timers: one heap of deadlines, by kind
+# ---------------------------------------------------------------------------
+
+
+class TimerKind(enum.Enum):
+    """What a timer does when it fires, and what its target is."""
+
+    HANDSHAKE = "handshake"  # a connection id: the HTTP request is late, drop the socket
+    PING = "ping"  # a connection id: send a keepalive ping
+    PONG_DUE = "pong due"  # a connection id (and the ping's number): no pong yet, close 1011
+    CLOSE = "close"  # a connection id: the peer's close frame is late, drop the socket
+    TOKEN_EXPIRY = "token expiry"  # a connection id: its token expired, close 1008
+    PRESENCE = "presence"  # a Room: its presence window ends
+    NODE_EXPIRY = "node expiry"  # another instance's node tag: its heartbeats may have stopped
+
+
+class Timers:
+    """Deadlines in one heap. Timers name connections by id, so a closed connection is freed
+    before its timers expire (the entry finds no connection and does nothing)."""
+
+    __slots__ = ("_heap", "_seq")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, TimerKind, Any, int]] = []
+        self._seq = 0
+
+    def schedule(self, when: float, kind: TimerKind, target: Any, seq: int = 0) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, kind, target, seq))
+
+    def pop_due(self, now: float) -> tuple[TimerKind, Any, int] | None:
+        """The next timer due at ``now`` (removed from the heap), or None."""
+        heap = self._heap
+        if heap and heap[0][0] <= now:
+            _, _, kind, target, seq = heapq.heappop(heap)
+            return kind, target, seq
+        return None
+
+    @property
+    def next_deadline(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+
+# ---------------------------------------------------------------------------
+# Connection: one client's protocol state, output queue, rate bucket and keepalive
+# ---------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"  # reading the HTTP request
+    OPEN = "open"  # a WebSocket: messages flow both ways
+    CLOSING = "closing"  # our close frame is out; we wait for the peer's (or close_timeout)
+    CLOSED = "closed"  # done: the shell writes what is queued, then closes the socket
+
+
+class RateBucket:
+    """One connection's token bucket: ``rate`` tokens a second, a burst of one second's worth."""
+
+    __slots__ = ("at", "rate", "tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = now
+
+    def take(self, now: float) -> float:
+        """Spend a token; returns what is left (below zero: over the rate by that much)."""
+        rate = self.rate
+        tokens = min(rate, self.tokens + (now - self.at) * rate) - 1
+        self.tokens, self.at = tokens, now
+        return tokens
+
+
+class Keepalive:
+    """One connection's pings: the number of the last one sent, and whether its pong is still due."""
+
+    __slots__ = ("due", "seq")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.due = False
+
+    def ping(self) -> bytes:
+        """The payload of the next ping (its number)."""
+        self.seq += 1
+        self.due = True
+        return str(self.seq).encode()
+
+    def pong(self, payload: bytes) -> None:
+        if payload == str(self.seq).encode():
+            self.due = False
+
+    def late(self, seq: int) -> bool:
+        """Ping ``seq`` is the last one sent and its pong has not come."""
+        return self.due and self.seq == seq
+
+
+class Outbox:
+    """This pass's register of what the shell must write: the connections that gained output (in the
+    order they did) and those that went over their buffer. The server owns it; each connection notes
+    itself as it queues."""
+
+    __slots__ = ("pending", "slow")
+
+    def __init__(self) -> None:
+        self.pending: dict[Connection, None] = {}
+        self.slow: list[Connection] = []
+
+
+REPLY_ALLOWANCE = 4
+"""Replies a client asked for may queue up to this many times ``max_buffer`` before it is a slow consumer."""
+
+
+class Connection:
+    """One client, from its first byte to its close.
+
+    It owns the connection's protocol state (h11's request parser, then wsproto's engine and the
+    fragments of a message still arriving), its output queue and how full it is, its rate bucket
+    and keepalive, and who it is (``user``, ``params``, ``query``, ``claims``). The server drives
+    it through the methods under "for the server"; nothing else touches its insides.
+
+    **The handlers' API** (a handler needs nothing else, and is not handed the ``Server``): read
+    ``id``, ``user``, ``params``, ``query``, ``claims``, ``peer``, ``now``, ``config``; act with
+    ``send``, ``reply``, ``send_message``, ``error``, ``join``, ``broadcast``, ``emit``, ``close``;
+    ask ``new_id()``, ``available(backend)``, ``presence(room)``.
+
+    **The shell's API**: ``data_to_send()``, ``closed``, ``backlogged``, ``peer``, ``id``, and the
+    ``shell`` slot for the shell's own object (its transport or socket link).
+    """
+
+    __slots__ = (
+        "_binary",
+        "_bucket",
+        "_config",
+        "_http",
+        "_keepalive",
+        "_outbox",
+        "_parts",
+        "_server",
+        "_ws",
+        "address",
+        "backlogged",
+        "claims",
+        "close_code",
+        "close_reason",
+        "deflate_bits",
+        "endpoint",
+        "id",
+        "outbound",
+        "outbound_size",
+        "params",
+        "peer",
+        "query",
+        "reply_size",
+        "rooms",
+        "shell",
+        "state",
+        "status",
+        "user",
+    )
+
+    def __init__(self, server: Server, outbox: Outbox, conn_id: int, peer: Any, now: float) -> None:
+        config = server.config
+        self.id = conn_id
+        self.peer = peer
+        self.address = peer[0] if isinstance(peer, tuple) and peer else peer  # the client's IP address
+        self.state = State.HANDSHAKE
+        self.user = "anonymous"
+        self.params: Mapping[str, str] = {}
+        self.query: Mapping[str, str] = {}
+        self.claims: Mapping[str, Any] = {}
+        self.endpoint: Endpoint | None = None
+        self.rooms: list[Room] = []  # the rooms it is in, in the order it joined (Rooms keeps this list)
+        self.outbound: list[bytes] = []
+        self.outbound_size = 0
+        self.reply_size = 0  # queued bytes of replies the client asked for (see ``reply``)
+        self.status: int | None = None  # the HTTP status we answered: 101, or why we refused
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.deflate_bits: int | None = None
+        self.shell: Any = None  # the shell's own object for this connection (its socket or transport)
+        self.backlogged = False  # input is buffered that this pass had no budget for: see Server.resume
+        self._server = server
+        self._outbox = outbox
+        self._config = config
+        self._http: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=config.max_header_bytes
+        )
+        self._ws: WSConnection | None = None
+        self._parts: list[str | bytes] = []
+        self._binary = False
+        self._bucket = RateBucket(config.rate_limit, now) if config.rate_limit > 0 else None
+        self._keepalive = Keepalive()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.state.value} user={self.user!r} peer={self.peer!r}>"
+
+    # -- the shell's API ----------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the shell should close the socket (after writing what is queued)."""
+        return self.state is State.CLOSED
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for this connection, in order; the queue is emptied."""
+        out = self.outbound
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.outbound_size = 0
+        self.reply_size = 0
+        self._server.metrics.bytes_out += len(data)
+        return data
+
+    # -- the handlers' API ----------------------------------------------------
+
+    @property
+    def now(self) -> float:
+        """The time of the input being handled (Unix seconds, as the shell passed it)."""
+        return self._server.now
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def send(self, payload: Mapping[str, Any]) -> None:
+        """Send one JSON event to this connection."""
+        if self.state is State.OPEN:
+            self.queue(text_message(payload, self._config).frame_for(self.deflate_bits))
+
+    def reply(self, payload: Mapping[str, Any]) -> None:
+        """Send one JSON event this connection asked for (a history page, a presence list).
+
+        Such a reply may be large, and asking for a lot does not make a slow consumer: its
+        bytes do not count against ``max_buffer`` (only against ``REPLY_ALLOWANCE`` times it,
+        so one that asks again and again without reading is still closed)."""
+        if self.state is State.OPEN:
+            self.queue_reply(text_message(payload, self._config).frame_for(self.deflate_bits))
+
+    def send_message(self, message: str | bytes) -> None:
+        """Send a text (str) or binary (bytes) message as it is."""
+        if self.state is State.OPEN:
+            cfg = self._config
+            opcode, payload = (_TEXT, message.encode()) if isinstance(message, str) else (_BINARY, bytes(message))
+            self.queue(OutboundMessage(opcode, payload, cfg.compression_min_size, cfg.compression_level).frame_for(
+                self.deflate_bits))
+
+    def error(self, code: str, detail: str) -> None:
+        """An ``error`` event; the connection stays open (raising ``EventError`` does the same)."""
+        self.send({"event": "error", "code": code, "detail": detail})
+
+    def join(self, room: str, presence: bool = False) -> Room:
+        """Join a room (created on first use); with ``presence`` the room tracks who is in it."""
+        return self._server.join(self, room, presence)
+
+    def broadcast(self, room: str, payload: Mapping[str, Any], exclude_self: bool = False) -> int:
+        """One JSON event to every member of ``room`` (but this connection, with ``exclude_self``),
+        encoded once; returns how many get it."""
+        return self._server.broadcast(room, payload, exclude=self if exclude_self else None)
+
+    def emit(self, effect: Effect) -> None:
+        """Hand an effect (``Stored``, ``Publish``, ``History``) to the shell's backends."""
+        self._server.emit(effect)
+
+    def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Start the closing handshake (the peer's close frame or ``close_timeout`` ends it)."""
+        self._server.send_close(self, code, reason)
+
+    def new_id(self) -> str:
+        """A unique, time-ordered message id (see ``Server.new_id``)."""
+        return self._server.new_id()
+
+    def available(self, backend: str) -> bool:
+        """False while the shell reports ``backend`` ("store", "broker") down: refuse to write then."""
+        return self._server.available(backend)
+
+    def presence(self, room: str) -> list[str]:
+        """Users present in ``room`` on every instance, sorted."""
+        return self._server.presence(room)
+
+    # -- for the server: the protocol engines ---------------------------------
+
+    def read_request(self, data: bytes) -> h11.Request | Refuse | None:
+        """Handshake bytes in; the complete request once it is here (None until then), or the
+        refusal a malformed one gets."""
+        http = self._http
+        assert http is not None
+        try:
+            http.receive_data(data)
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Refuse(exc.error_status_hint, f"bad request: {exc}")
+        if event is h11.NEED_DATA:
+            return None
+        if not isinstance(event, h11.Request):
+            return Refuse(400, "bad request")
+        return event
+
+    @property
+    def trailing(self) -> bytes:
+        """What the client sent after its request (its first frames, if it did not wait for our 101)."""
+        return self._http.trailing_data[0] if self._http is not None else b""
+
+    def open(self, upgrade: Upgrade) -> None:
+        """Become a WebSocket as ``upgrade`` decided: the 101 goes out first."""
+        self.endpoint = upgrade.endpoint
+        self.params = upgrade.params
+        self.query = upgrade.query
+        self.user = upgrade.user
+        self.claims = upgrade.claims
+        self.deflate_bits = upgrade.deflate_bits
+        self.queue(upgrade.response)
+        self.status = 101
+        self._http = None
+        self._ws = WSConnection(ConnectionType.SERVER, list(upgrade.extensions))
+        self.state = State.OPEN
+
+    def answer(self, status: int, response: bytes) -> None:
+        """Answer the HTTP request (a refusal, or a plain HTTP route's answer) and be done."""
+        self.queue(response)
+        self.status = status
+
+    def feed(self, data: bytes) -> None:
+        """Frame bytes in, for ``events`` to parse."""
+        assert self._ws is not None
+        self._ws.receive_data(data)
+
+    def read_frames(self, budget: int | None) -> Iterator[str | bytes | CloseConnection]:
+        """The complete messages and the close frame in what was fed, from at most ``budget`` frames
+        (None: all of them). Pings are answered and pongs noted here; every frame costs a rate token.
+
+        wsproto parses lazily, so frames past the budget stay in its buffer: the connection is then
+        ``backlogged`` until ``Server.resume`` reads on (one connection's flood delays the others by
+        one budget at most, however much it sends in one read)."""
+        assert self._ws is not None
+        self.backlogged = False
+        left = budget if budget is not None and budget > 0 else -1
+        for event in self._ws.events():
+            if self.state is State.CLOSED:
+                return
+            if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
+                if self.state is State.OPEN:
+                    message = self._data(event)
+                    if message is not None:
+                        yield message
+            elif isinstance(event, Ping):
+                if self.ws_open and self._admit(False):
+                    self.send_frame(Pong(event.payload))
+            elif isinstance(event, Pong):
+                if self._admit(False):
+                    self._keepalive.pong(event.payload)
+            elif isinstance(event, CloseConnection):
+                yield event
+            left -= 1
+            if left == 0:
+                self.backlogged = self.state is not State.CLOSED
+                return
+
+    def _data(self, event: TextMessage | BytesMessage) -> str | bytes | None:
+        """One data frame (or part of one): the whole message once its last fragment came and the rate
+        admits it. A fragment that ends no message costs a token of its own."""
+        assert self.endpoint is not None
+        if isinstance(event, BytesMessage) and self.endpoint.on_raw is None:
+            self._server.send_close(self, CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route")
+            return None
+        if event.frame_finished and not event.message_finished and not self._admit(False):
+            return None
+        if isinstance(event, BytesMessage):
+            self._binary = True
+        self._parts.append(event.data)
+        if not event.message_finished:
+            return None
+        parts = self._parts
+        self._parts = []
+        message: str | bytes
+        if self._binary:
+            self._binary = False
+            message = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
+        else:
+            message = parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
+        return message if self._admit(True) else None
+
+    def _admit(self, message: bool) -> bool:
+        """The rate limit. Every frame costs a token: each message, and also each ping, pong and
+        fragment that ends no message (``message`` False), so a flood of those is closed like one of
+        messages. Over the rate a message is dropped with a ``rate_limited`` error (a control frame or
+        fragment just costs its token); debt past one second's worth closes 1008."""
+        bucket = self._bucket
+        if bucket is None:
+            return True
+        tokens = bucket.take(self._server.now)
+        if tokens >= 0:
+            return True
+        if tokens < -bucket.rate:
+            self._server.send_close(self, CloseReason.POLICY_VIOLATION, "rate limit exceeded")
+        elif message:
+            self.error("rate_limited", f"more than {bucket.rate:g} messages per second; this one was dropped")
+        return not message and self.state is State.OPEN
+
+    @property
+    def ws_open(self) -> bool:
+        """wsproto would still send a data or control frame (neither side has sent its close)."""
+        return self._ws is not None and self._ws.state is WSState.OPEN
+
+    @property
+    def ws_state(self) -> WSState | None:
+        return self._ws.state if self._ws is not None else None
+
+    def send_frame(self, event: Any) -> None:
+        """Queue wsproto's frame for ``event`` (a pong, a ping, a close)."""
+        assert self._ws is not None
+        self.queue(self._ws.send(event))
+
+    def ping(self) -> int:
+        """Queue a keepalive ping; returns its number, for ``pong_late``."""
+        self.send_frame(Ping(self._keepalive.ping()))
+        return self._keepalive.seq
+
+    def pong_late(self, seq: int) -> bool:
+        return self._keepalive.late(seq)
+
+    def finish(self) -> None:
+        """The protocol is over: drop the engines and any half-received message."""
+        self.state = State.CLOSED
+        self.backlogged = False
+        self._ws = None
+        self._http = None
+        self._parts = []
+        self._outbox.pending[self] = None
+
+    def drop_output(self) -> None:
+        """Forget what the client has not taken, but an unsent HTTP answer: it gets its 101 before
+        our close, never a bare close frame."""
+        out = self.outbound
+        head = out[0] if out and out[0].startswith(b"HTTP/") else None
+        out.clear()
+        if head is not None:
+            out.append(head)
+        self.outbound_size = self.reply_size = 0
+
+    def queue(self, data: bytes) -> None:
+        """This connection's own output (events, control frames, HTTP answers), after what its rooms
+        broadcast to it so far in this pass; pongs to a ping flood count against the buffer too."""
+        if data:
+            for room in self.rooms:
+                room.detach_if_batching(self)
+            self.append(bytes(data))
+
+    def queue_reply(self, data: bytes) -> None:
+        """Like ``queue``, for a reply the client asked for: counted apart (see ``reply``)."""
+        if data:
+            for room in self.rooms:
+                room.detach_if_batching(self)
+            self.outbound.append(bytes(data))
+            self.reply_size += len(data)
+            outbox = self._outbox
+            outbox.pending[self] = None
+            if self.reply_size > REPLY_ALLOWANCE * self._config.max_buffer:
+                outbox.slow.append(self)
+
+    def append(self, data: bytes) -> None:
+        """Queue bytes as they are (a room's frames, shared bytes the shell could not write), counted
+        against ``max_buffer``."""
+        self.outbound.append(data)
+        self.outbound_size += len(data)
+        outbox = self._outbox
+        outbox.pending[self] = None
+        if self.outbound_size > self._config.max_buffer:
+            outbox.slow.append(self)
+
+    def over_limit(self) -> bool:
+        """Still open and over its buffer (its route's, if larger): a slow consumer."""
+        limit = self._config.max_buffer
+        if self.endpoint is not None and self.endpoint.max_buffer:
+            limit = max(limit, self.endpoint.max_buffer)
+        return self.state is State.OPEN and (
+            self.outbound_size > limit or self.reply_size > REPLY_ALLOWANCE * limit
+        )
+
+
+# ---------------------------------------------------------------------------
+# Rooms: members, per-pass batches, presence windows
+# ---------------------------------------------------------------------------
+
+
+class Room:
+    """One named room: its members, what was broadcast to it in this pass, and its presence window.
+
+    Broadcasts of one pass (one input, or one ``tick``) collect in the room's batch, one list of
+    frames per compression group, and leave as one bytes object shared by every member of the
+    group (``Server.take_shared``): a pipelining sender's messages cost each recipient one write
+    per pass, not one per message. Members that must not take the whole batch (the sender it
+    excludes, a member that joined mid-pass or got output of its own in between) are *detached*
+    for the rest of the pass and get frames one by one; so are members of several rooms, whose
+    frames must keep their order across rooms.
+
+    A presence room also counts each user's connections in it (``users``) and keeps the current
+    presence window: the joins and leaves logged in it and the members that joined during it,
+    who get the whole state when it ends (``Rooms.end_window``)."""
+
+    __slots__ = (
+        "_batch",
+        "_detached",
+        "_log",
+        "_multi",
+        "_newcomers",
+        "groups",
+        "members",
+        "name",
+        "presence",
+        "users",
+        "window_ends",
+    )
+
+    def __init__(self, name: str, presence: bool) -> None:
+        self.name = name
+        self.members: dict[Connection, None] = {}
+        self.groups: dict[int | None, dict[Connection, None]] = {}  # deflate window bits (None: off) -> members
+        self.presence = presence
+        self.users: dict[str, int] = {}  # user -> its connections in this room
+        self.window_ends: float | None = None  # when the open presence window ends (None: none is open)
+        self._batch: dict[int | None, list[bytes]] | None = None  # this pass's frames per group, while open
+        self._detached: dict[Connection, None] = {}  # members served one frame at a time until the pass ends
+        self._multi: dict[Connection, None] = {}  # members of other rooms too: detached in every pass
+        self._log: list[tuple[str, bool]] = []  # (user, joined) in this presence window
+        self._newcomers: dict[Connection, None] = {}  # joined in this window: their state comes at its end
+
+    # -- membership -------------------------------------------------------------
+
+    def add(self, conn: Connection) -> bool:
+        """Make ``conn`` a member (False: it already was). One that joins mid-pass does not get what
+        was broadcast before it joined."""
+        if conn in self.members:
+            return False
+        self.members[conn] = None
+        group = self.groups.get(conn.deflate_bits)
+        if group is None:
+            group = self.groups[conn.deflate_bits] = {}
+        group[conn] = None
+        if self._batch is not None:
+            self._detached[conn] = None
+        return True
+
+    def remove(self, conn: Connection) -> None:
+        self.members.pop(conn, None)
+        group = self.groups.get(conn.deflate_bits)
+        if group is not None:
+            group.pop(conn, None)
+            if not group:
+                del self.groups[conn.deflate_bits]
+        self._detached.pop(conn, None)
+        self._multi.pop(conn, None)
+        self._newcomers.pop(conn, None)
+
+    def mark_multi(self, conn: Connection) -> None:
+        """``conn`` is in other rooms too: from now on it takes this room's frames one by one."""
+        self._multi[conn] = None
+        self.detach_if_batching(conn)
+
+    # -- this pass's batch --------------------------------------------------------
+
+    @property
+    def batching(self) -> bool:
+        """A batch is open: something was broadcast in this pass."""
+        return self._batch is not None
+
+    def broadcast(self, message: OutboundMessage, excluded: Collection[Connection]) -> int:
+        """One message for every member but ``excluded``; returns how many get it."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = {}
+            if self._multi:
+                self._detached.update(self._multi)
+        detached = self._detached
+        members = self.members
+        count = len(members)
+        for conn in excluded:
+            if conn in members:
+                count -= 1
+                if conn not in detached:
+                    self.detach(conn)
+        for bits in self.groups:
+            frames = batch.get(bits)
+            if frames is None:
+                batch[bits] = [message.frame_for(bits)]
+            else:
+                frames.append(message.frame_for(bits))
+        for member in detached:
+            if member not in excluded:
+                member.append(message.frame_for(member.deflate_bits))
+        return count
+
+    def detach(self, conn: Connection) -> None:
+        """From now until the pass ends, ``conn`` takes this room's frames one by one (it gets the
+        frames batched so far at once), so its own output and exclusions keep their order."""
+        assert self._batch is not None
+        self._detached[conn] = None
+        frames = self._batch.get(conn.deflate_bits)
+        if frames:
+            conn.append(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def detach_if_batching(self, conn: Connection) -> None:
+        if self._batch is not None and conn not in self._detached:
+            self.detach(conn)
+
+    def exclude(self, conn: Connection) -> None:
+        """``conn`` takes nothing more of this pass's batch (it is being closed as a slow consumer)."""
+        if self._batch is not None:
+            self._detached[conn] = None
+
+    def take(self, shared: list[tuple[bytes, list[Connection]]]) -> None:
+        """Close this pass's batch: add (bytes, the members that take exactly those bytes) to ``shared``."""
+        batch, self._batch = self._batch, None
+        detached = self._detached
+        if detached:
+            self._detached = {}
+        if batch is None:
+            return
+        for bits, frames in batch.items():
+            group = self.groups.get(bits)
+            if not group:
+                continue
+            members = list(group)
+            for member in detached:  # few: this pass's senders, late joiners, multi-room members
+                if member in group:
+                    members.remove(member)
+            if members:
+                shared.append((frames[0] if len(frames) == 1 else b"".join(frames), members))
+
+    # -- presence -------------------------------------------------------------
+
+    def count_in(self, user: str) -> int:
+        """One more connection of ``user`` here; returns how many it had before."""
+        count = self.users.get(user, 0)
+        self.users[user] = count + 1
+        return count
+
+    def count_out(self, user: str) -> int:
+        """One connection of ``user`` fewer; returns how many it still has."""
+        count = self.users.get(user, 0) - 1
+        if count > 0:
+            self.users[user] = count
+        else:
+            self.users.pop(user, None)
+        return max(count, 0)
+
+    def log(self, user: str, joined: bool) -> None:
+        """A join or leave that is news to the room, for this window's diff."""
+        self._log.append((user, joined))
+
+    def add_newcomer(self, conn: Connection) -> None:
+        self._newcomers[conn] = None
+
+    def end_window(self) -> tuple[list[str], list[str], dict[Connection, None]]:
+        """Close the presence window: its net joins and leaves, and the members that joined during it."""
+        net: dict[str, int] = {}
+        for user, joined in self._log:
+            net[user] = net.get(user, 0) + (1 if joined else -1)
+        newcomers = self._newcomers
+        self._log = []
+        self._newcomers = {}
+        self.window_ends = None
+        return sorted(u for u, n in net.items() if n > 0), sorted(u for u, n in net.items() if n < 0), newcomers
+
+
+class Rooms:
+    """Every room of one server, by name: joins and leaves (with presence), broadcasts, the rooms
+    with a batch open in this pass, and the end of presence windows. Membership is kept on both
+    sides, the room's members and the connection's ``rooms``, and only here."""
+
+    __slots__ = ("_batched", "_changed", "_cluster", "_config", "_timers", "by_name")
+
+    def __init__(self, config: Config, timers: Timers, cluster: Cluster, changed: Callable[[], None]) -> None:
+        self.by_name: dict[str, Room] = {}
+        self._config = config
+        self._timers = timers
+        self._cluster = cluster
+        self._changed = changed  # this instance's presence changed (the broker should hear of it)
+        self._batched: list[Room] = []  # rooms with broadcasts in this pass
+
+    def join(self, conn: Connection, name: str, presence: bool, now: float) -> Room:
+        room = self.by_name.get(name)
+        if room is None:
+            room = self.by_name[name] = Room(name, presence)
+        if not room.add(conn):
+            return room
+        rooms = conn.rooms
+        rooms.append(room)
+        if len(rooms) > 1:
+            for each in rooms:
+                each.mark_multi(conn)
+        user = conn.user
+        before = room.count_in(user)
+        if room.presence:
+            room.add_newcomer(conn)
+            if before == 0:
+                self._changed()
+                if user not in self._cluster.users(name):
+                    room.log(user, True)
+            self._open_window(room, now)
+        return room
+
+    def leave_all(self, conn: Connection, now: float) -> None:
+        """``conn`` stops being a member anywhere (it is closing)."""
+        for room in conn.rooms:
+            room.remove(conn)
+            user = conn.user
+            if room.count_out(user) == 0 and room.presence:
+                self._changed()
+                if user not in self._cluster.users(room.name):
+                    room.log(user, False)
+                    self._open_window(room, now)
+            if not room.members and room.window_ends is None:
+                self.by_name.pop(room.name, None)
+        conn.rooms = []
+
+    def broadcast(self, name: str, message: OutboundMessage, excluded: Collection[Connection]) -> int:
+        """``message`` for every member of room ``name`` but ``excluded``, batched for this pass."""
+        room = self.by_name.get(name)
+        return 0 if room is None else self._broadcast(room, message, excluded)
+
+    def _broadcast(self, room: Room, message: OutboundMessage, excluded: Collection[Connection]) -> int:
+        if not room.batching:
+            self._batched.append(room)
+        return room.broadcast(message, excluded)
+
+    def take_batches(self) -> list[tuple[bytes, list[Connection]]]:
+        """Every batch of this pass, as (bytes, the members that take exactly those bytes)."""
+        shared: list[tuple[bytes, list[Connection]]] = []
+        for room in self._batched:
+            room.take(shared)
+        self._batched.clear()
+        return shared
+
+    def exclude(self, conn: Connection) -> None:
+        for room in conn.rooms:
+            room.exclude(conn)
+
+    def heartbeat(self, node: str, rooms: Mapping[str, Iterable[str]] | None, now: float) -> None:
+        """Another instance's presence heartbeat (None: its goodbye), told to the rooms it changes."""
+        if rooms is None:
+            changes = self._cluster.goodbye(node)
+        else:
+            changes = self._cluster.heartbeat(node, rooms, now)
+            self._timers.schedule(self._cluster.deadline(node), TimerKind.NODE_EXPIRY, node)
+        for room, appeared, vanished in changes:
+            self.remote_change(room, appeared, vanished, now)
+
+    def expire_node(self, node: str, now: float) -> None:
+        """``node``'s heartbeat may be overdue: if it is, its users leave."""
+        for room, appeared, vanished in self._cluster.expire(node, now):
+            self.remote_change(room, appeared, vanished, now)
+
+    def remote_change(self, name: str, appeared: Iterable[str], vanished: Iterable[str], now: float) -> None:
+        """Users that came to or went from room ``name`` on the other instances (cluster-wide news)."""
+        room = self.by_name.get(name)
+        if room is None or not room.presence:
+            return
+        for user, joined in [(u, True) for u in appeared] + [(u, False) for u in vanished]:
+            if user not in room.users:
+                room.log(user, joined)
+                self._open_window(room, now)
+
+    def _open_window(self, room: Room, now: float) -> None:
+        if room.window_ends is None:
+            room.window_ends = now + self._config.presence_window
+            self._timers.schedule(room.window_ends, TimerKind.PRESENCE, room)
+
+    def end_window(self, room: Room) -> None:
+        """End a presence window: members get its net joins and leaves (one shared diff); those
+        who joined during it get the state as it is now instead (one list, encoded once).
+
+        Whatever the burst (a reconnect storm of thousands), a window costs one sort of the
+        users, two encodes and one write per member."""
+        joins, leaves, newcomers = room.end_window()
+        if joins or leaves:
+            diff = {"event": "presence_diff", "joins": joins, "leaves": leaves}
+            self._broadcast(room, text_message(diff, self._config), newcomers)
+        if newcomers:
+            state = text_message({"event": "presence_state", "users": self.presence(room.name)}, self._config)
+            for conn in newcomers:
+                conn.queue_reply(state.frame_for(conn.deflate_bits))
+        if not room.members and self.by_name.get(room.name) is room:
+            del self.by_name[room.name]
+
+    def presence(self, name: str) -> list[str]:
+        """Users present in room ``name`` on this instance and the others, sorted."""
+        room = self.by_name.get(name)
+        local = room.users.keys() if room is not None else ()
+        remote = self._cluster.users(name)
+        if not remote:
+            return sorted(local)
+        return sorted(remote.keys() | local)
+
+    def local_presence(self) -> dict[str, list[str]]:
+        """This instance's own users per presence room: what its heartbeats tell the others."""
+        return {name: sorted(room.users) for name, room in self.by_name.items() if room.presence and room.users}
+
+
+# ---------------------------------------------------------------------------
+# Cluster: the other instances, as their heartbeats describe them
+# ---------------------------------------------------------------------------
+
+
+class RemoteNode:
+    """Another instance: its users per presence room, until ``deadline`` passes without a heartbeat."""
+
+    __slots__ = ("deadline", "rooms")
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, frozenset[str]] = {}
+        self.deadline = 0.0
+
+
+Change = tuple[str, frozenset[str], frozenset[str]]
+"""(room, users now present cluster-wide that were not, users no longer present anywhere else)."""
+
+
+class Cluster:
+    """The other instances of this deployment: their presence (users per room, counted across
+    instances), when each one's heartbeats are due, and the newest message id delivered from each
+    (a publisher that replays after a broker outage may resend what already arrived)."""
+
+    __slots__ = ("_last_id", "_nodes", "_users", "node", "ttl")
+
+    def __init__(self, node: str, ttl: float) -> None:
+        self.node = node
+        self.ttl = ttl
+        self._nodes: dict[str, RemoteNode] = {}
+        self._users: dict[str, dict[str, int]] = {}  # room -> user -> instances listing them
+        self._last_id: dict[str, str] = {}  # node -> newest message id delivered from it
+
+    @property
+    def instances(self) -> int:
+        """Instances known, this one included."""
+        return len(self._nodes) + 1
+
+    def users(self, room: str) -> Mapping[str, int]:
+        """Users of ``room`` on other instances (with how many list them)."""
+        return self._users.get(room) or {}
+
+    def duplicate(self, node: str, message_id: Any) -> bool:
+        """True for a message from ``node`` no newer than the last one delivered from it."""
+        if not isinstance(message_id, str):
+            return False
+        last = self._last_id.get(node)
+        if last is not None and message_id <= last:
+            return True
+        self._last_id[node] = message_id
+        return False
+
+    def heartbeat(self, node: str, rooms: Mapping[str, Iterable[str]], now: float) -> list[Change]:
+        """``node``'s whole presence now; its users count until ``now + ttl`` (see ``expire``)."""
+        remote = self._nodes.get(node)
+        if remote is None:
+            remote = self._nodes[node] = RemoteNode()
+        new = {room: frozenset(users) for room, users in rooms.items()}
+        old = remote.rooms
+        remote.rooms = new
+        remote.deadline = now + self.ttl
+        changes = []
+        for room in old.keys() | new.keys():
+            before, after = old.get(room, frozenset()), new.get(room, frozenset())
+            if before != after:
+                changes.append(self._count(room, after - before, before - after))
+        return changes
+
+    def deadline(self, node: str) -> float:
+        return self._nodes[node].deadline
+
+    def expire(self, node: str, now: float) -> list[Change]:
+        """``node`` leaves if its deadline passed without a heartbeat."""
+        remote = self._nodes.get(node)
+        if remote is None or remote.deadline > now:
+            return []
+        return self.goodbye(node)
+
+    def goodbye(self, node: str) -> list[Change]:
+        """``node`` is gone (it said so, or its heartbeats stopped): its users leave."""
+        remote = self._nodes.pop(node, None)
+        self._last_id.pop(node, None)
+        if remote is None:
+            return []
+        return [self._count(room, frozenset(), users) for room, users in remote.rooms.items()]
+
+    def _count(self, room: str, joined: frozenset[str], left: frozenset[str]) -> Change:
+        counts = self._users.setdefault(room, {})
+        appeared = frozenset(u for u in joined if counts.get(u, 0) == 0)
+        for user in joined:
+            counts[user] = counts.get(user, 0) + 1
+        vanished = []
+        for user in left:
+            n = counts.get(user, 0) - 1
+            if n > 0:
+                counts[user] = n
+            else:
+                counts.pop(user, None)
+                vanished.append(user)
+        if not counts:
+            del self._users[room]
+        return room, appeared, frozenset(vanished)
+
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+
+def history_page(room: str, messages: list[Mapping[str, Any]], budget: int) -> dict[str, Any]:
+    """A ``history`` event of at most ``budget`` bytes: the newest messages that fit, oldest first,
+    with ``"truncated": true`` when older ones had to be left out (the client pages on with
+    ``before`` set to the first id). Sixty 60 KB messages must not make a reply no client can take."""
+    page: dict[str, Any] = {"event": "history", "room": room, "messages": messages}
+    if len(_encode_json(page).encode()) <= budget:
+        return page
+    used = len(_encode_json({**page, "messages": [], "truncated": True}).encode())
+    kept = 0
+    for message in reversed(messages):
+        used += len(_encode_json(message).encode()) + 1
+        if used > budget and kept:
+            break
+        kept += 1
+    return {**page, "messages": messages[len(messages) - kept :], "truncated": True}
+
+
+def http_answer(reply: HttpReply, head: bool) -> bytes:
+    """A plain HTTP route's reply as a response (``Cache-Control: no-store`` unless it set its own)."""
+    status, body, content_type, *own = reply
+    extra = list(own[0]) if own else []
+    if not any(name.lower() == "cache-control" for name, _ in extra):
+        extra.append(("Cache-Control", "no-store"))
+    response = http_response(status, body, content_type, headers=extra)
+    return response[: len(response) - len(body)] if head else response
+
+
+class IdClock:
+    """Message ids: unique and time-ordered, milliseconds then a sequence within the millisecond,
+    then this instance's node tag (so instances never collide)."""
+
+    __slots__ = ("_ms", "_node", "_seq")
+
+    def __init__(self, node: str) -> None:
+        self._node = node
+        self._ms = 0
+        self._seq = 0
+
+    def next(self, now: float) -> str:
+        ms = int(now * 1000)
+        if ms > self._ms:
+            self._ms, self._seq = ms, 0
+        else:
+            self._seq += 1
+        return f"{self._ms:012x}{self._seq:06x}{self._node}"
+
+
+def healthz(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
+    """``GET /healthz``: counts only (never content), 503 while a backend is down."""
+    stats = server.stats()
+    status = 200 if stats["status"] == "ok" else 503
+    return status, (_encode_json(stats) + "\n").encode(), "application/json"
+
+
+class Server:
+    """All connections and rooms of one hubbub instance: the shell's API, frame dispatch, the
+    backends' replies and the close lifecycle; the rest belongs to the parts it ties together
+    (``Gatekeeper``, ``Timers``, ``Connection``, ``Rooms``, ``Cluster``).
+
+    The shell calls: ``connect``, ``receive``, ``resume``, ``tick``, ``pending``, ``take_shared``,
+    ``enqueue``, ``effects``, ``close_all``; the backends' answers ``ack``, ``unavailable``,
+    ``history_reply``, ``history_failed``, ``deliver``, ``remote_presence``, ``local_presence``,
+    ``set_available``. Metrics read ``metrics``, ``stats()`` and ``available()``. Handlers reach
+    the server only through their ``Connection``.
+
+    Closing, after websockets: ``send_close`` starts the closing handshake (our close frame, then
+    the peer's, or ``close_timeout``); ``fail`` sends a close frame and is done at once (a protocol
+    violation, a slow consumer, an internal error); ``abort`` drops the socket without a word (it is
+    gone, or never finished its handshake). Each leaves the connection's rooms and runs the route's
+    ``on_close`` once.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        config: Config | None = None,
+        http_routes: Mapping[str, HttpRoute] | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
+        """``verifier`` turns on token authentication: every WebSocket handshake must carry a token
+        (``?token=`` or ``Authorization: Bearer``) it accepts, and its ``sub`` claim is the user."""
+        self.router = router
+        self.config = config = config or Config()
+        self.connections: dict[int, Connection] = {}
+        self.open_count = 0
+        self.metrics = Metrics()
+        self._gate = Gatekeeper(router, config, {"/healthz": healthz, **(http_routes or {})}, verifier)
+        self._timers = Timers()
+        self._cluster = Cluster(config.node, config.presence_ttl)
+        self._rooms = Rooms(config, self._timers, self._cluster, self._presence_changed)
+        self._outbox = Outbox()
+        self._effects: list[Effect] = []
+        self._presence_dirty = False
+        self._addresses: dict[Any, int] = {}  # client address -> its sockets still open (handshakes included)
+        self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
+        self._ids = IdClock(config.node)
+        self._next_id = 1
+        self._now = 0.0
+
+    # -- the shell's API --------------------------------------------------------
+
+    def connect(self, peer: Any, now: float) -> Connection:
+        """A new TCP connection: it must send its HTTP request within the handshake timeout."""
+        self._now = now
+        conn = Connection(self, self._outbox, self._next_id, peer, now)
+        self._next_id += 1
+        self.connections[conn.id] = conn
+        addresses = self._addresses
+        addresses[conn.address] = addresses.get(conn.address, 0) + 1
+        self._timers.schedule(now + self.config.handshake_timeout, TimerKind.HANDSHAKE, conn.id)
+        return conn
+
+    def receive(self, conn: Connection, data: bytes, now: float) -> None:
+        """Feed bytes from the peer (``b""`` when it closed its side). Never raises for peer input."""
+        self._now = now
+        self.metrics.bytes_in += len(data)
+        state = conn.state
+        try:
+            if state is State.OPEN or state is State.CLOSING:
+                self._receive_frames(conn, data)
+            elif state is State.HANDSHAKE:
+                self._receive_request(conn, data)
+        except Exception as exc:  # our bug, triggered by this peer's input: it costs this connection only
+            self._contain("receive", conn, exc)
+        self._settle()
+
+    def resume(self, conn: Connection, now: float) -> None:
+        """Handle the next budget of a backlogged connection's buffered input.
+
+        After ``receive`` leaves a connection ``backlogged`` (it had more frames than
+        ``Config.frames_per_pass``), the shell stops reading its socket and calls this in a
+        later loop pass, after the other connections had their turn; it reads the socket
+        again once the connection is no longer ``backlogged``."""
+        self._now = now
+        try:
+            if conn.backlogged:
+                self._process_frames(conn, self.config.frames_per_pass)
+        except Exception as exc:
+            self._contain("receive", conn, exc)
+        self._settle()
+
+    def tick(self, now: float) -> float | None:
+        """Run every timer that is due; return when the next one is (None: no timers)."""
+        self._now = now
+        timers = self._timers
+        while (due := timers.pop_due(now)) is not None:
+            kind, target, seq = due
+            try:
+                self._fire(kind, target, seq, now)
+            except Exception as exc:  # one timer's failure must not cost the others
+                self._contain("timer", self.connections.get(target) if isinstance(target, int) else None, exc)
+        self._settle()
+        return timers.next_deadline
+
+    def pending(self) -> list[Connection]:
+        """Connections that gained output or closed since the last call.
+
+        Room broadcasts not taken with ``take_shared`` are queued to each member first,
+        so a shell that only calls ``pending`` and ``data_to_send`` sees everything."""
+        for data, members in self._rooms.take_batches():
+            for member in members:
+                member.append(data)
+        self._settle()
+        pending = self._outbox.pending
+        if not pending:
+            return []
+        conns = list(pending)
+        pending.clear()
+        return conns
+
+    def take_shared(self) -> list[tuple[bytes, list[Connection]]]:
+        """This pass's room broadcasts: (bytes, the connections that take exactly those bytes).
+
+        The fast write path: one bytes object per room and compression group, written as it
+        is to each listed connection's socket. Call it before ``pending``: output a connection
+        gained before its room's first broadcast of the pass is in ``pending`` and must be
+        written first; anything later was queued in order there and the connection is not
+        listed here. A connection whose socket cannot take the bytes now gets them through
+        ``enqueue``."""
+        shared = self._rooms.take_batches()
+        for data, members in shared:
+            self.metrics.bytes_out += len(data) * len(members)
+        return shared
+
+    def enqueue(self, conn: Connection, data: bytes) -> None:
+        """Queue shared bytes the shell could not write now (its socket is full), behind the
+        connection's own output; they count against ``max_buffer`` (``pending`` closes it with 1013)."""
+        if conn.state is State.OPEN:
+            conn.append(data)
+
+    def effects(self) -> list[Effect]:
+        """Work for the shell's backends since the last call (store, history, broker, logs)."""
+        effects, self._effects = self._effects, []
+        self._presence_dirty = False
+        return effects
+
+    def close_all(self, code: int = CloseReason.GOING_AWAY, reason: str = "server shutting down") -> None:
+        """Queue a close for every client (1001 on shutdown) and drop unfinished handshakes."""
+        for conn in list(self.connections.values()):
+            if conn.state is State.OPEN:
+                self.send_close(conn, code, reason)
+            elif conn.state is State.HANDSHAKE:
+                self.abort(conn)
+        self._settle()
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When ``tick`` next has work to do (None: no timer is set)."""
+        return self._timers.next_deadline
+
+    @property
+    def now(self) -> float:
+        """The time of the input being handled, as the shell passed it (Unix seconds)."""
+        return self._now
+
+    @property
+    def rooms(self) -> Mapping[str, Room]:
+        """The rooms with members (or a presence window still open), by name."""
+        return self._rooms.by_name
+
+    # -- what the backends answer ---------------------------------------------------
+
+    def deliver(self, room: str, payload: Mapping[str, Any], node: str | None = None) -> int | None:
+        """A message from the broker (another instance) for the local members of ``room``.
+
+        Returns how many members it went to, or None when it was dropped as already delivered.
+
+        With the publishing instance's ``node`` tag, each message is delivered once and in
+        order: our own messages coming back are ignored (we delivered them when they were
+        sent), and so is any id not newer than the last one delivered from that node.
+        """
+        if node is not None:
+            if node == self.config.node:
+                return None
+            if self._cluster.duplicate(node, payload.get("id")):
+                self.metrics.duplicates += 1
+                return None
+        try:
+            count: int | None = self.broadcast(room, payload)
+        except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
+            self._contain("deliver", None, exc)
+            count = None
+        self._settle()
+        return count
+
+    def ack(self, acks: Iterable[Ack]) -> None:
+        """The store committed these messages: tell each sender that is still connected."""
+        for ack in acks:
+            conn = self.connections.get(ack.conn_id)
+            if conn is not None and ack.ref is not None:
+                self._answer_safely(conn, {"event": "ack", "ref": ack.ref, "id": ack.id})
+        self._settle()
+
+    def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
+        """The store could not keep these messages: each sender gets an ``unavailable`` error."""
+        for ack in acks:
+            conn = self.connections.get(ack.conn_id)
+            if conn is not None:
+                error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
+                if ack.ref is not None:
+                    error["ref"] = ack.ref
+                self._answer_safely(conn, error)
+        self._settle()
+
+    def _answer_safely(self, conn: Connection, payload: Mapping[str, Any], where: str = "ack") -> None:
+        """One backend answer to one connection: its failure costs that connection, not the batch."""
+        try:
+            conn.send(payload)
+        except Exception as exc:
+            self._contain(where, conn, exc)
+
+    def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]]) -> None:
+        """The store's answer to a ``History`` effect."""
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            try:
+                conn.reply(history_page(room, messages, self.config.max_buffer))
+            except Exception as exc:
+                self._contain("history", conn, exc)
+            self._settle()
+
+    def history_failed(self, conn_id: int, detail: str) -> None:
+        """The store could not answer a ``History`` effect."""
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            conn.error("unavailable", detail)
+            self._settle()
+
+    def set_available(self, backend: str, up: bool) -> None:
+        """The shell's latest word on a backend ("store", "broker"); /healthz answers 503 while one is down."""
+        self._backends[backend] = up
+
+    def available(self, backend: str) -> bool:
+        """False only after the shell said ``backend`` is down (handlers refuse to write then)."""
+        return self._backends.get(backend, True)
+
+    def local_presence(self) -> dict[str, list[str]]:
+        """This instance's own users per presence room: what its heartbeats tell the others."""
+        return self._rooms.local_presence()
+
+    def remote_presence(self, node: str, rooms: Mapping[str, Iterable[str]] | None, now: float) -> None:
+        """Another instance's heartbeat: its users per presence room (None: it said goodbye).
+
+        Its users count as present until ``presence_ttl`` passes without another heartbeat.
+        """
+        if node == self.config.node:
+            return
+        self._now = now
+        try:
+            self._rooms.heartbeat(node, rooms, now)
+        except Exception as exc:  # a malformed heartbeat costs that heartbeat
+            self._contain("presence", None, exc)
+        self._settle()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts only, never content: what /healthz reports."""
+        by_route: dict[str, int] = {}
+        for conn in self.connections.values():
+            if conn.state is State.OPEN and conn.endpoint is not None:
+                by_route[conn.endpoint.name] = by_route.get(conn.endpoint.name, 0) + 1
+        rooms = self._rooms.by_name
+        down = sorted(name for name, up in self._backends.items() if not up)
+        return {
+            "status": "unavailable" if down else "ok",
+            "backends": {name: "up" if up else "down" for name, up in sorted(self._backends.items())},
+            "instances": self._cluster.instances,
+            "connections": self.open_count,
+            "sockets": len(self.connections),
+            "rooms": len(rooms),
+            "presence_users": sum(len(r.users) for r in rooms.values() if r.presence),
+            "routes": by_route,
+        }
+
+    # -- what handlers reach through their connection ----------------------------------
+
+    def join(self, conn: Connection, room: str, presence: bool) -> Room:
+        if conn.state is not State.OPEN:
+            raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
+        return self._rooms.join(conn, room, presence, self._now)
+
+    def broadcast(self, room: str, payload: Mapping[str, Any], exclude: Connection | None = None) -> int:
+        """Send one JSON event to every member of ``room`` but ``exclude``; returns the recipients.
+
+        The event is serialised once (and compressed once per window size) and added to the
+        room's batch for this pass; see ``Room`` and ``take_shared``. Nothing here is per recipient
+        but the members detached for this pass.
+        """
+        count = self._rooms.broadcast(room, text_message(payload, self.config), (exclude,) if exclude else ())
+        self.metrics.deliveries += count
+        return count
+
+    def emit(self, effect: Effect) -> None:
+        self._effects.append(effect)
+
+    def presence(self, room: str) -> list[str]:
+        """Users present in a room on this instance and the others, sorted."""
+        return self._rooms.presence(room)
+
+    def new_id(self) -> str:
+        """A unique, time-ordered message id (``IdClock``)."""
+        return self._ids.next(self._now)
+
+    def _presence_changed(self) -> None:
+        if not self._presence_dirty:
+            self._presence_dirty = True
+            self._effects.append(PresenceChanged())
+
+    # -- the handshake -------------------------------------------------------------
+
+    def _receive_request(self, conn: Connection, data: bytes) -> None:
+        if not data:
+            self.abort(conn)
+            return
+        request = conn.read_request(data)
+        if request is None:
+            return
+        if isinstance(request, Refuse):
+            decision: Decision = request
+        else:
+            decision = self._gate.decide(request, self._addresses.get(conn.address, 0), self.open_count)
+        if isinstance(decision, Upgrade):
+            self._accept(conn, decision, conn.trailing)
+        elif isinstance(decision, ServeHttp):
+            self._serve_http(conn, decision)
+        else:
+            self._refuse(conn, decision)
+
+    def _accept(self, conn: Connection, upgrade: Upgrade, trailing: bytes) -> None:
+        cfg = self.config
+        conn.open(upgrade)
         self.open_count += 1
+        if upgrade.expires is not None:
+            self._timers.schedule(upgrade.expires, TimerKind.TOKEN_EXPIRY, conn.id)
         if cfg.ping_interval > 0:
-            self._schedule(self._now + cfg.ping_interval, _PING, conn.id)
+            self._timers.schedule(self._now + cfg.ping_interval, TimerKind.PING, conn.id)
+        endpoint = upgrade.endpoint
         if endpoint.on_open is not None:
             self._call(conn, endpoint.on_open, conn)
         if trailing and conn.state is State.OPEN:
             self._receive_frames(conn, trailing)
 
-    def _answer_http(self, conn: Connection, method: bytes, path: str, headers: Mapping[bytes, bytes]) -> None:
-        route = self._http_routes.get(path)
-        if route is None:
-            try:
-                websocket_route = self.router.match(path) is not None
-            except ValueError:
-                websocket_route = True  # a route's path with a bad parameter: still not plain HTTP
-            if websocket_route:
-                self._answer(conn, 426, "this is a WebSocket endpoint\n", headers=[("Upgrade", "websocket")])
-            else:
-                self._answer(conn, 404, "not found\n")
+    def _serve_http(self, conn: Connection, serve: ServeHttp) -> None:
+        try:
+            reply = serve.route(self, serve.headers)
+            conn.answer(reply[0], http_answer(reply, serve.head))
+        except Exception as exc:  # a route's bug: 500 for this request, the server goes on
+            self._contain("http", conn, exc)
             return
-        if method not in (b"GET", b"HEAD"):
-            self._answer(conn, 405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
-            return
-        status, body, content_type, *own = route(self, headers)
-        extra = list(own[0]) if own else []
-        if not any(name.lower() == "cache-control" for name, _ in extra):
-            extra.append(("Cache-Control", "no-store"))
-        response = http_response(status, body, content_type, headers=extra)
-        if method == b"HEAD":
-            response = response[: len(response) - len(body)]
-        conn._queue_raw(response)
-        conn.status = status
-        self._set_closed(conn)
+        self._closed(conn)
 
-    def _answer(
-        self, conn: Connection, status: int, text: str, headers: Iterable[tuple[str, str]] = ()
-    ) -> None:
+    def _refuse(self, conn: Connection, refusal: Refuse) -> None:
         """Refuse with a real HTTP response, then close: never accept-then-close."""
-        conn._queue_raw(http_response(status, text.encode(), headers=headers))
-        conn.status = status
+        if refusal.failure is not None:
+            self._count_failure("verifier", None, refusal.failure)
+        body = (refusal.reason + "\n").encode()
+        conn.answer(refusal.status, http_response(refusal.status, body, headers=refusal.headers))
         rejections = self.metrics.rejections
-        rejections[status] = rejections.get(status, 0) + 1
-        self._set_closed(conn)
+        rejections[refusal.status] = rejections.get(refusal.status, 0) + 1
+        self._closed(conn)
 
-    def _healthz(self, headers: Mapping[bytes, bytes]) -> HttpReply:
-        stats = self.stats()
-        status = 200 if stats["status"] == "ok" else 503
-        return status, (_encode_json(stats) + "\n").encode(), "application/json"
-
-    # -- frames -------------------------------------------------------------
+    # -- frames ----------------------------------------------------------------------
 
     def _receive_frames(self, conn: Connection, data: bytes) -> None:
-        ws = conn._ws
-        assert ws is not None
         if not data:
             if conn.backlogged:  # what the peer sent before it closed still counts
                 self._process_frames(conn, None)
             if conn.state is not State.CLOSED:
-                self._drop(conn, 1006)
+                self.abort(conn)
             return
-        ws.receive_data(data)
+        conn.feed(data)
         self._process_frames(conn, self.config.frames_per_pass)
 
     def _process_frames(self, conn: Connection, budget: int | None) -> None:
-        """Handle the frames wsproto has buffered, at most ``budget`` of them (None: all).
-
-        A connection that had more is *backlogged*: the rest stays in wsproto's buffer, the
-        shell stops reading its socket and calls ``resume`` in a later loop pass, after every
-        other connection had its turn. So one connection's flood delays the others by one
-        budget at most, however much it sends in one read."""
-        ws = conn._ws
-        assert ws is not None
-        conn.backlogged = False
-        left = budget if budget is not None and budget > 0 else -1
-        for event in ws.events():
-            if conn.state is State.CLOSED:
-                return
-            if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
-                if conn.state is State.OPEN:
-                    if event.message_finished or not event.frame_finished or self._admit_rate(conn, False):
-                        self._on_data(conn, event)
-            elif isinstance(event, Ping):
-                if ws.state is WSState.OPEN and self._admit_rate(conn, False):
-                    conn._queue_raw(ws.send(Pong(event.payload)))
-            elif isinstance(event, Pong):
-                if self._admit_rate(conn, False) and event.payload == str(conn._ping_seq).encode():
-                    conn._pong_due = False
-            elif isinstance(event, CloseConnection):
-                self._on_close_frame(conn, event)
-            left -= 1
-            if left == 0:
-                conn.backlogged = conn.state is not State.CLOSED
-                return
+        """Handle what the connection has buffered, at most ``budget`` frames of it (None: all)."""
+        for item in conn.read_frames(budget):
+            if isinstance(item, CloseConnection):
+                self._on_close_frame(conn, item)
+            elif conn.state is State.OPEN:
+                self._on_message(conn, item)
 
     def _on_close_frame(self, conn: Connection, event: CloseConnection) -> None:
-        ws = conn._ws
-        assert ws is not None
-        if ws.state is WSState.REMOTE_CLOSING:  # the peer starts the closing handshake: answer it
-            conn._queue_raw(ws.send(CloseConnection(event.code)))
-            self._leave_all(conn, event.code, event.reason)
-            self._set_closed(conn)
-        elif ws.state is WSState.CLOSED:  # the peer answered our close
-            self._set_closed(conn)
+        state = conn.ws_state
+        if state is WSState.REMOTE_CLOSING:  # the peer starts the closing handshake: answer it
+            conn.send_frame(CloseConnection(event.code))
+            was_open = conn.state is State.OPEN
+            self._closed(conn)
+            if was_open:
+                self._end(conn, event.code, event.reason)
+        elif state is WSState.CLOSED:  # the peer answered our close
+            self._closed(conn)
         elif conn.state is State.OPEN:  # wsproto found a protocol violation (1002, 1007, 1009): fail it
-            self._close(conn, event.code, event.reason, wait=False)
+            self.fail(conn, event.code, event.reason)
         else:  # a violation while we wait for the peer's close: its parser has stopped, so fail it now
-            self._set_closed(conn)
+            self._closed(conn)
 
-    def _on_data(self, conn: Connection, event: TextMessage | BytesMessage) -> None:
+    def _on_message(self, conn: Connection, message: str | bytes) -> None:
         endpoint = conn.endpoint
         assert endpoint is not None
-        if isinstance(event, BytesMessage):
-            if endpoint.on_raw is None:
-                self._close(conn, 1003, "binary messages are not supported on this route", wait=True)
-                return
-            conn._binary = True
-        conn._parts.append(event.data)
-        if not event.message_finished:
-            return
-        parts = conn._parts
-        conn._parts = []
-        if conn._binary:
-            conn._binary = False
-            message: str | bytes = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
-        else:
-            message = parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
-        if not self._admit_rate(conn):
-            return
         counts = self.metrics.messages_in
         counts[endpoint.name] = counts.get(endpoint.name, 0) + 1
         if endpoint.on_raw is not None:
             self._call(conn, endpoint.on_raw, conn, message)
+            return
+        routed = route_event(endpoint, message)  # type: ignore[arg-type]
+        if isinstance(routed, EventError):
+            conn.error(routed.code, routed.detail)
         else:
-            self._dispatch(conn, endpoint, message)  # type: ignore[arg-type]
-
-    def _admit_rate(self, conn: Connection, message: bool = True) -> bool:
-        """Token bucket: refill at rate_limit/s up to one second's worth; debt past that closes 1008.
-
-        Every frame costs a token: each message, and also each ping, pong and fragment that does
-        not end a message (``message`` False), so a flood of those is closed like one of messages.
-        Over the rate, a message is dropped with a ``rate_limited`` error; a control frame or
-        fragment just costs its token (a fragment still counts toward its message)."""
-        rate = self.config.rate_limit
-        if rate <= 0:
-            return True
-        now = self._now
-        tokens = min(rate, conn._tokens + (now - conn._tokens_at) * rate) - 1
-        conn._tokens, conn._tokens_at = tokens, now
-        if tokens >= 0:
-            return True
-        if tokens < -rate:
-            self._close(conn, 1008, "rate limit exceeded", wait=True)
-        elif message:
-            conn.error("rate_limited", f"more than {rate:g} messages per second; this one was dropped")
-        return not message and conn.state is State.OPEN
-
-    def _dispatch(self, conn: Connection, endpoint: Endpoint, text: str) -> None:
-        try:
-            event = decode_event(text)
-        except RecursionError:
-            conn.error("bad_json", "JSON nested too deeply")
-            return
-        except ValueError as exc:
-            conn.error("bad_json", f"invalid JSON: {exc}")
-            return
-        if not isinstance(event, dict):
-            conn.error("not_object", "expected a JSON object")
-            return
-        name = event.get("event")
-        if not isinstance(name, str):
-            conn.error("missing_event", 'expected a string field "event"')
-            return
-        handler = endpoint.events.get(name)
-        if handler is None:
-            conn.error("unknown_event", f"unknown event {name[:64]!r}")
-            return
-        self._call(conn, handler, conn, event)
+            self._call(conn, routed[0], conn, routed[1])
 
     def _call(self, conn: Connection, fn: Callable[..., None], *args: Any) -> None:
         """Run application code: EventError answers the client; anything else closes 1011."""
@@ -1715,61 +2318,69 @@ class Server:
         except Exception as exc:  # a handler's bug must not take the server down with it
             self._contain("handler", conn, exc)
 
-    def _contain(self, where: str, conn: Connection | None, exc: Exception) -> None:
-        """An exception escaped one step (``where``): count it, hand it to the shell's log as a
-        ``Failure``, and fail the connection it was working for (if any) with 1011. Nothing else
-        of the pass is lost: the caller goes on with its next item."""
+    def _count_failure(self, where: str, conn: Connection | None, exc: Exception) -> None:
         failures = self.metrics.failures
         failures[where] = failures.get(where, 0) + 1
         self._effects.append(Failure(conn.id if conn is not None else None, exc, where))
+
+    def _contain(self, where: str, conn: Connection | None, exc: Exception) -> None:
+        """An exception escaped one step (``where``): count it, hand it to the shell's log as a
+        ``Failure``, and end the connection it was working for (if any): 1011, or 500 during the
+        handshake. Nothing else of the pass is lost: the caller goes on with its next item."""
+        self._count_failure(where, conn, exc)
         if conn is None:
             return
         if conn.state is State.OPEN:
-            self._close(conn, 1011, "internal error", wait=False)
+            self.fail(conn, CloseReason.INTERNAL_ERROR, "internal error")
         elif conn.state is State.HANDSHAKE:
-            self._answer(conn, 500, "internal error\n")
+            self._refuse(conn, Refuse(500, "internal error"))
         elif conn.state is State.CLOSING:
-            self._set_closed(conn)
+            self._closed(conn)
 
-    # -- closing --------------------------------------------------------------
+    # -- closing -----------------------------------------------------------------------
 
-    def _close(self, conn: Connection, code: int, reason: str, wait: bool) -> None:
-        """Send our close frame; wait for the peer's (``wait``) or fail the connection now."""
+    def send_close(self, conn: Connection, code: int, reason: str = "") -> None:
+        """Start the closing handshake: our close frame now, the socket once the peer answers
+        (or ``close_timeout`` passes)."""
         if conn.state is not State.OPEN:
             return
-        ws = conn._ws
-        assert ws is not None
-        if ws.state is WSState.OPEN:
-            conn._queue_raw(ws.send(CloseConnection(code, reason)))
-        self._leave_all(conn, code, reason)
-        if wait:
-            conn.state = State.CLOSING
-            self._schedule(self._now + self.config.close_timeout, _CLOSING, conn.id)
-        else:
-            self._set_closed(conn)
+        if conn.ws_open:
+            conn.send_frame(CloseConnection(code, reason))
+        conn.state = State.CLOSING
+        self._timers.schedule(self._now + self.config.close_timeout, TimerKind.CLOSE, conn.id)
+        self._end(conn, code, reason)
 
-    def _drop(self, conn: Connection, code: int = 1006) -> None:
-        """The socket is gone or must go without ceremony."""
-        if conn.state is State.OPEN:
-            self._leave_all(conn, code, "")
+    def fail(self, conn: Connection, code: int, reason: str = "") -> None:
+        """Send a close frame and be done with the connection at once (the shell writes what is
+        queued, then closes the socket): a protocol violation, a slow consumer, a timeout."""
+        if conn.state is not State.OPEN:
+            return
+        if conn.ws_open:
+            conn.send_frame(CloseConnection(code, reason))
+        self._closed(conn)
+        self._end(conn, code, reason)
+
+    def abort(self, conn: Connection, code: int = CloseReason.ABNORMAL_CLOSURE) -> None:
+        """Drop the connection without a word: its socket is gone, or it never finished its handshake."""
+        was_open = conn.state is State.OPEN
         if conn.state is not State.CLOSED:
-            conn.outbound.clear()
-            conn.outbound_size = 0
-            self._set_closed(conn)
+            conn.drop_output()
+            self._closed(conn)
+        if was_open:
+            self._end(conn, code, "")
 
-    def _leave_all(self, conn: Connection, code: int, reason: str) -> None:
-        """The connection stops being a member anywhere: it has left OPEN."""
+    def _end(self, conn: Connection, code: int, reason: str) -> None:
+        """The connection has left OPEN (it is CLOSING or CLOSED already): it leaves its rooms and
+        its route's ``on_close`` runs, once."""
         conn.close_code, conn.close_reason = code, reason
         self.open_count -= 1
-        for room in conn.rooms:
-            self._leave(conn, room)
-        conn.rooms = []
+        self._rooms.leave_all(conn, self._now)
         endpoint = conn.endpoint
         if endpoint is not None and endpoint.on_close is not None:
-            conn.state = State.CLOSING  # handlers may not send to a leaving connection
             self._call(conn, endpoint.on_close, conn)
 
-    def _set_closed(self, conn: Connection) -> None:
+    def _closed(self, conn: Connection) -> None:
+        """The connection is CLOSED: its protocol is over, its socket is the shell's to close."""
         if conn.state is not State.CLOSED:
             addresses = self._addresses
             left = addresses.get(conn.address, 1) - 1
@@ -1777,172 +2388,51 @@ class Server:
                 addresses[conn.address] = left
             else:
                 addresses.pop(conn.address, None)
-        conn.state = State.CLOSED
-        conn.backlogged = False
-        conn._ws = None
-        conn._http = None
-        conn._parts = []
-        self._pending[conn] = None
+        conn.finish()
         self.connections.pop(conn.id, None)
 
     def _settle(self) -> None:
         """After each input: fail the slow consumers it produced."""
-        default = self.config.max_buffer
-        while self._slow:
-            slow, self._slow = self._slow, []
+        slow_list = self._outbox.slow
+        while slow_list:
+            slow = list(slow_list)
+            slow_list.clear()
             for conn in slow:
-                endpoint = conn.endpoint
-                limit = max(default, endpoint.max_buffer or 0) if endpoint is not None else default
-                if conn.state is State.OPEN and (
-                    conn.outbound_size > limit or conn.reply_size > REPLY_ALLOWANCE * limit
-                ):
+                if conn.over_limit():
                     # It is not reading: drop what it has not taken (its rooms' batches of this
-                    # pass included) and fail it with 1013. An upgrade answer still unsent stays:
-                    # the client gets its 101 before the close, never a bare close frame.
-                    for room in conn.rooms:
-                        if room._batch is not None:
-                            room._detached[conn] = None
-                    head = conn.outbound[0] if conn.outbound and conn.outbound[0].startswith(b"HTTP/") else None
-                    conn.outbound.clear()
-                    if head is not None:
-                        conn.outbound.append(head)
-                    conn.outbound_size = conn.reply_size = 0
+                    # pass included) and fail it with 1013.
+                    self._rooms.exclude(conn)
+                    conn.drop_output()
                     self.metrics.slow_consumers += 1
-                    self._close(conn, 1013, "slow consumer: outbound buffer full", wait=False)
+                    self.fail(conn, CloseReason.TRY_AGAIN_LATER, "slow consumer: outbound buffer full")
 
-    # -- rooms and presence ---------------------------------------------------
+    # -- timers ------------------------------------------------------------------------
 
-    def _join(self, conn: Connection, name: str, presence: bool) -> Room:
-        if conn.state is not State.OPEN:
-            raise UsageError(f"cannot join {name!r}: connection {conn.id} is {conn.state.value}")
-        room = self.rooms.get(name)
-        if room is None:
-            room = self.rooms[name] = Room(name, presence)
-        if conn in room.members:
-            return room
-        room.members[conn] = None
-        group = room.groups.get(conn.deflate_bits)
-        if group is None:
-            group = room.groups[conn.deflate_bits] = {}
-        group[conn] = None
-        if room._batch is not None:
-            room._detached[conn] = None  # it must not get what was broadcast before it joined
-        conn.rooms.append(room)
-        if len(conn.rooms) > 1:
-            for each in conn.rooms:
-                each._multi[conn] = None
-                if each._batch is not None and conn not in each._detached:
-                    self._detach(each, conn)
-        user = conn.user
-        count = room.users.get(user, 0)
-        room.users[user] = count + 1
-        if room.presence:
-            room._newcomers[conn] = None
-            if count == 0:
-                self._presence_changed()
-                if user not in self._remote_users.get(name, ()):
-                    room._log.append((user, True))
-            self._open_window(room)
-        return room
-
-    def _leave(self, conn: Connection, room: Room) -> None:
-        room.members.pop(conn, None)
-        group = room.groups.get(conn.deflate_bits)
-        if group is not None:
-            group.pop(conn, None)
-            if not group:
-                del room.groups[conn.deflate_bits]
-        room._detached.pop(conn, None)
-        room._multi.pop(conn, None)
-        room._newcomers.pop(conn, None)
-        user = conn.user
-        count = room.users.get(user, 0) - 1
-        if count > 0:
-            room.users[user] = count
-        else:
-            room.users.pop(user, None)
-            if room.presence:
-                self._presence_changed()
-                if user not in self._remote_users.get(room.name, ()):
-                    self._presence_event(room, user, False)
-        if not room.members and room._flush_at is None:
-            self.rooms.pop(room.name, None)
-
-    def _presence_event(self, room: Room, user: str, joined: bool) -> None:
-        room._log.append((user, joined))
-        self._open_window(room)
-
-    def _open_window(self, room: Room) -> None:
-        if room._flush_at is None:
-            room._flush_at = self._now + self.config.presence_window
-            self._schedule(room._flush_at, _PRESENCE, room)
-
-    def _flush_presence(self, room: Room) -> None:
-        """End a presence window: members get its net joins and leaves (one shared diff); those
-        who joined during it get the state as it is now instead (one list, encoded once).
-
-        Whatever the burst (a reconnect storm of thousands), a window costs one sort of the
-        users, two encodes and one write per member."""
-        joins, leaves = room.diff()
-        newcomers = room._newcomers
-        if joins or leaves:
-            diff = {"event": "presence_diff", "joins": joins, "leaves": leaves}
-            self._add_to_batch(room, text_message(diff, self.config), newcomers)
-        if newcomers:
-            state = text_message({"event": "presence_state", "users": self.presence(room.name)}, self.config)
-            for conn in newcomers:
-                conn._queue_raw(state.frame_for(conn.deflate_bits), reply=True)
-        room._log = []
-        room._newcomers = {}
-        room._flush_at = None
-        if not room.members:
-            self.rooms.pop(room.name, None)
-
-    def presence(self, room: str) -> list[str]:
-        """Users present in a room on this instance and the others, sorted."""
-        target = self.rooms.get(room)
-        local = target.users.keys() if target is not None else ()
-        remote = self._remote_users.get(room)
-        if not remote:
-            return sorted(local)
-        return sorted(remote.keys() | local)
-
-    # -- timers ---------------------------------------------------------------
-
-    def _schedule(self, when: float, kind: int, target: Any, seq: int = 0) -> None:
-        """Timers name connections by id, so a closed connection is freed before its timers expire."""
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, kind, target, seq))
-
-    def _fire(self, kind: int, target: Any, seq: int, now: float) -> None:
-        if kind == _PRESENCE:
-            self._flush_presence(target)
+    def _fire(self, kind: TimerKind, target: Any, seq: int, now: float) -> None:
+        if kind is TimerKind.PRESENCE:
+            self._rooms.end_window(target)
             return
-        if kind == _NODE_EXPIRY:
-            remote = self._remote.get(target)
-            if remote is not None and remote.deadline <= now:
-                self._expire_node(target)
+        if kind is TimerKind.NODE_EXPIRY:
+            self._rooms.expire_node(target, now)
             return
         conn = self.connections.get(target)
         if conn is None:
             return  # closed since: nothing to do
-        if kind == _HANDSHAKE:
+        if kind is TimerKind.HANDSHAKE:
             if conn.state is State.HANDSHAKE:
-                self._drop(conn)
-        elif kind == _CLOSING:
+                self.abort(conn)
+        elif kind is TimerKind.CLOSE:
             if conn.state is State.CLOSING:
-                self._set_closed(conn)
-        elif kind == _PING:
-            if conn.state is State.OPEN and conn._ws is not None:
-                conn._ping_seq += 1
-                conn._pong_due = True
-                conn._queue_raw(conn._ws.send(Ping(str(conn._ping_seq).encode())))
+                self._closed(conn)
+        elif kind is TimerKind.PING:
+            if conn.state is State.OPEN and conn.ws_open:
                 cfg = self.config
-                self._schedule(now + cfg.ping_timeout, _PONG_DUE, conn.id, conn._ping_seq)
-                self._schedule(now + max(cfg.ping_interval, cfg.ping_timeout), _PING, conn.id)
-        elif kind == _PONG_DUE:
-            if conn.state is State.OPEN and conn._pong_due and conn._ping_seq == seq:
-                self._close(conn, 1011, "keepalive ping timeout", wait=False)
-        elif kind == _TOKEN_EXPIRY:
+                number = conn.ping()
+                self._timers.schedule(now + cfg.ping_timeout, TimerKind.PONG_DUE, conn.id, number)
+                self._timers.schedule(now + max(cfg.ping_interval, cfg.ping_timeout), TimerKind.PING, conn.id)
+        elif kind is TimerKind.PONG_DUE:
+            if conn.state is State.OPEN and conn.pong_late(seq):
+                self.fail(conn, CloseReason.INTERNAL_ERROR, "keepalive ping timeout")
+        elif kind is TimerKind.TOKEN_EXPIRY:
             if conn.state is State.OPEN:
-                self._close(conn, 1008, "token expired", wait=True)
+                self.send_close(conn, CloseReason.POLICY_VIOLATION, "token expired")

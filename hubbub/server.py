@@ -15,10 +15,15 @@ to every member (``core.Server.take_shared``). Nothing awaits per recipient: a s
 kernel will not take more from is left to its transport (or drain task), and what follows
 stays in the core, counted against ``--max-buffer``.
 
-Effects go to the backends: ``Stored`` and ``History`` to a ``StoreWorker``
+Effects go to ``Backends``: ``Stored`` and ``History`` to a ``StoreWorker``
 (batched, in a worker thread; acks go back to the core once a batch commits),
 ``Publish`` and ``PresenceChanged`` to the broker, whose messages come back
 through ``Server.deliver`` and ``Server.remote_presence``.
+
+Who owns what: ``TransportLink`` / ``SocketLink`` one socket each (reads into the core,
+writes out of it, the closing linger); ``Backends`` the store worker, the broker and their
+probes; ``Shell`` the pump (one flush per loop pass, the timer loop, held backlogged links)
+and the start and stop of it all; the command line at the bottom builds them.
 
     python server.py --port 8765
 """
@@ -36,7 +41,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -78,6 +83,21 @@ def _on_asyncio() -> bool:
     return True
 
 
+def log_end(conn: core.Connection) -> None:
+    """One debug (or, for a refusal, info) line when a connection's socket is done."""
+    if conn.status is not None and conn.status >= 400:
+        log.info("conn %d %s: refused with HTTP %d", conn.id, conn.peer, conn.status)
+    elif conn.status == 101:
+        log.debug(
+            "conn %d %s: disconnected (%s %s)", conn.id, conn.peer, conn.close_code, core.printable(conn.close_reason)
+        )
+    else:
+        log.debug("conn %d %s: closed", conn.id, conn.peer)
+
+
+# -- connections: one link per socket, asyncio or trio ---------------------------------
+
+
 class TransportLink(asyncio.Protocol):
     """One connection on the asyncio backend: a Protocol on its transport, no task of its own.
 
@@ -110,12 +130,12 @@ class TransportLink(asyncio.Protocol):
         shell.server.receive(self.conn, data, time.time())
         if self.conn.backlogged:
             shell.hold(self)
-        shell._after_input()
+        shell.after_input()
 
     def eof_received(self) -> bool:
         if not self.conn.closed:
             self.shell.server.receive(self.conn, b"", time.time())
-            self.shell._after_input()
+            self.shell.after_input()
         return False  # the transport closes once what it buffered is written
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,8 +146,8 @@ class TransportLink(asyncio.Protocol):
             self._linger.cancel()
         if not conn.closed:
             shell.server.receive(conn, b"", time.time())
-            shell._after_input()
-        shell._log_end(conn, conn.peer)
+            shell.after_input()
+        log_end(conn)
 
     def pause_writing(self) -> None:
         self.blocked = True
@@ -139,6 +159,16 @@ class TransportLink(asyncio.Protocol):
             self.send(data)
         if self.conn.closed:
             self.finish()
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self.transport.abort()
 
     def finish(self) -> None:
         """The core closed the connection: write the rest, send FIN, and keep reading until the
@@ -157,23 +187,55 @@ class TransportLink(asyncio.Protocol):
 
 
 class SocketLink:
-    """One connection on any anyio backend (trio included): a task that reads its socket, and
-    non-blocking sends; only while the kernel buffer is full does a drain task wait to write."""
+    """One connection on any anyio backend (trio included): a task that reads its non-blocking
+    socket (``run``) and non-blocking sends; only while the kernel buffer is full does a drain task
+    wait to write. It mirrors ``TransportLink``: the same core calls, in a task of its own."""
 
     __slots__ = ("conn", "drain", "scope", "shell", "sock", "unsent")
 
-    def __init__(self, shell: Shell, conn: core.Connection, sock: socket.socket) -> None:
+    def __init__(self, shell: Shell, sock: socket.socket, peer: Any) -> None:
         self.shell = shell
-        self.conn = conn
         self.sock = sock
+        self.conn = conn = shell.server.connect(peer, time.time())
+        conn.shell = self
+        shell.links[conn] = self
         self.unsent = b""
         self.scope = anyio.CancelScope()  # the connection's task; cancelled when the core closes it
         self.drain: anyio.CancelScope | None = None  # the drain task, which owns the socket's writes
+        log.debug("conn %d %s: connected", conn.id, peer)
 
     @property
     def blocked(self) -> bool:
         """The kernel buffer is full: the drain task pulls from the core when it takes more."""
         return self.drain is not None
+
+    async def run(self) -> None:
+        """Read the socket into the core until the core closes the connection, then close it well."""
+        shell, server, conn, sock = self.shell, self.shell.server, self.conn, self.sock
+        try:
+            with self.scope:
+                while not conn.closed:
+                    await anyio.wait_readable(sock)
+                    try:
+                        data = sock.recv(RECV_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        data = b""
+                    server.receive(conn, data, time.time())
+                    shell.after_input()
+                    while conn.backlogged:  # its budget is spent: let every other task run first
+                        await anyio.sleep(0)
+                        server.resume(conn, time.time())
+                        shell.after_input()
+            await self._close_socket()
+        finally:
+            shell.links.pop(conn, None)
+            if not conn.closed:  # cancelled from outside (shutdown): the socket is gone
+                server.receive(conn, b"", time.time())
+                shell.after_input()
+            sock.close()
+            log_end(conn)
 
     def send(self, data: bytes) -> None:
         try:
@@ -185,8 +247,7 @@ class SocketLink:
         if sent < len(data):
             self.unsent = data[sent:]
             self.drain = anyio.CancelScope()
-            assert self.shell._tg is not None
-            self.shell._tg.start_soon(self._drain)
+            self.shell.start_soon(self._drain)
 
     def finish(self) -> None:
         self.scope.cancel()  # the connection's task writes the rest and closes
@@ -212,6 +273,40 @@ class SocketLink:
         finally:
             self.drain = None
 
+    async def _close_socket(self) -> None:
+        """Write what is left, send FIN, and read until the peer closes too (or LINGER passes)."""
+        sock = self.sock
+        if self.drain is not None:  # one writer per socket: stop the drain task and take over
+            self.drain.cancel()
+            while self.drain is not None:
+                await anyio.sleep(0)
+        data = self.unsent + self.conn.data_to_send()
+        self.unsent = b""
+        with anyio.move_on_after(LINGER):
+            async with anyio.create_task_group() as tg:
+                peer_done = anyio.Event()
+                # Read (and discard) while we write: a peer that floods us without reading would
+                # otherwise block our close frame behind full buffers on both sides until LINGER.
+                tg.start_soon(_read_until_eof, sock, peer_done)
+                while data:
+                    try:
+                        sent = sock.send(data)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        tg.cancel_scope.cancel()
+                        return
+                    data = data[sent:]
+                    if data:
+                        await anyio.wait_writable(sock)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    tg.cancel_scope.cancel()
+                    return
+                await peer_done.wait()
+                tg.cancel_scope.cancel()
+
 
 async def _read_until_eof(sock: socket.socket, done: anyio.Event) -> None:
     """Discard what a closing peer still sends until it closes its side (or the socket fails)."""
@@ -229,8 +324,133 @@ async def _read_until_eof(sock: socket.socket, done: anyio.Event) -> None:
         done.set()
 
 
+# -- the backends: effects out, answers in ------------------------------------------
+
+
+class Backends:
+    """The store (through its ``StoreWorker``), the broker and the probes that watch them, for one
+    core. It carries out the core's effects, and hands every answer back to the core as one input,
+    followed by ``wake()`` (the shell then flushes what the input produced). It is the broker's
+    ``Sink`` and the store worker's callbacks."""
+
+    def __init__(
+        self, server: core.Server, store: Store, broker: MemoryBroker | PubSubBroker, wake: Callable[[], None],
+        observe_store: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.server = server
+        self.store = store
+        self.broker = broker
+        self.failures = 0  # effects whose execution raised (contained, logged)
+        self._wake = wake
+        self.writer = StoreWorker(
+            store,
+            on_stored=self._on_stored,
+            on_lost=self._on_lost,
+            on_history=self._on_history,
+            on_history_failed=self._on_history_failed,
+            on_status=self._on_store_status,
+            observe=observe_store,
+        )
+
+    async def run(self, tg: TaskGroup) -> None:
+        """Start the store worker, the store probe, the broker and (with a real broker) the heartbeats."""
+        tg.start_soon(self.writer.run)
+        tg.start_soon(self._store_probe)
+        self.server.set_available("broker", self.broker.up)
+        await tg.start(self.broker.run, self)
+        if not isinstance(self.broker, MemoryBroker):
+            tg.start_soon(self._heartbeats)
+
+    async def close(self) -> None:
+        """On shutdown: let queued writes commit, say goodbye through the broker, close the store."""
+        with anyio.move_on_after(self.writer.retry_for + 1.0):
+            await self.writer.drain()  # what was acked or is being written gets its chance
+        await self.broker.close()  # presence goodbye: our users leave the others' lists now
+        await anyio.to_thread.run_sync(self.store.close)
+
+    def carry_out(self, effects: list[core.Effect]) -> None:
+        """Carry out each effect on its own: one that raises is logged and counted, the rest go on."""
+        presence_changed = False
+        for effect in effects:
+            try:
+                if isinstance(effect, core.Publish):
+                    self.broker.publish(effect.room, effect.message)
+                elif isinstance(effect, core.Stored):
+                    self.writer.write(effect.room, effect.message, effect.ack)
+                elif isinstance(effect, core.History):
+                    self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)
+                elif isinstance(effect, core.PresenceChanged):
+                    presence_changed = True
+                elif isinstance(effect, core.Failure):
+                    log.error("conn %s: %s failed (contained)", effect.conn_id, effect.where, exc_info=effect.error)
+            except Exception:
+                self.failures += 1
+                log.exception("effect %s failed (contained)", type(effect).__name__)
+        if presence_changed:
+            self.broker.publish_presence(self.server.local_presence())
+
+    # -- what the store worker reports (each is one input to the core) --------------------
+
+    def _on_stored(self, acks: list[core.Ack]) -> None:
+        self.server.ack(acks)
+        self._wake()
+
+    def _on_lost(self, acks: list[core.Ack], detail: str) -> None:
+        self.server.unavailable(acks, detail)
+        self._wake()
+
+    def _on_history(self, conn_id: int, room: str, messages: list[Any]) -> None:
+        self.server.history_reply(conn_id, room, messages)
+        self._wake()
+
+    def _on_history_failed(self, conn_id: int, detail: str) -> None:
+        self.server.history_failed(conn_id, detail)
+        self._wake()
+
+    def _on_store_status(self, up: bool) -> None:
+        self.server.set_available("store", up)
+
+    # -- the broker's Sink ----------------------------------------------------------------
+
+    def on_message(self, room: str, message: Any, node: str) -> None:
+        """A chat message another instance published."""
+        if self.server.deliver(room, message, node) is not None and not self.store.shared:
+            self.writer.write(room, message, None)  # our own history holds the other instances' messages too
+        self._wake()
+
+    def on_presence(self, node: str, rooms: Any) -> None:
+        self.server.remote_presence(node, rooms, time.time())
+        self._wake()
+
+    def on_sync(self) -> None:
+        self.broker.publish_presence(self.server.local_presence())
+
+    def on_broker_status(self, up: bool) -> None:
+        self.server.set_available("broker", up)
+
+    # -- probes -----------------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        """Tell the other instances who is here, every ``presence_heartbeat`` seconds."""
+        while True:
+            self.broker.publish_presence(self.server.local_presence())
+            await anyio.sleep(self.server.config.presence_heartbeat)
+
+    async def _store_probe(self, interval: float = 1.0) -> None:
+        """Ping the store: at once (it opens and migrates), then every second while it is down,
+        every ten while it is up. Chat refuses messages while it is down."""
+        self.server.set_available("store", await self.writer.check())
+        while True:
+            await anyio.sleep(interval if not self.writer.up else 10 * interval)
+            await self.writer.check()
+
+
+# -- the shell: the pump between sockets, the core and its backends --------------------
+
+
 class Shell:
-    """Drives one ``core.Server`` over real sockets."""
+    """Drives one ``core.Server`` over real sockets: accepts connections (a link each), pumps each
+    loop pass's output out (``_flush``), runs the core's timers, and starts and stops the backends."""
 
     def __init__(
         self,
@@ -240,19 +460,14 @@ class Shell:
         metrics: Any = None,
     ) -> None:
         self.server = server
-        self.store: Store = store if store is not None else MemoryStore()
-        self.broker = broker if broker is not None else MemoryBroker(server.config.node)
-        self.writer = StoreWorker(
-            self.store,
-            on_stored=self._on_stored,
-            on_lost=self._on_lost,
-            on_history=self._on_history,
-            on_history_failed=self._on_history_failed,
-            on_status=self._on_store_status,
-            observe=metrics.observer("store") if metrics is not None else None,
+        self.backends = Backends(
+            server,
+            store if store is not None else MemoryStore(),
+            broker if broker is not None else MemoryBroker(server.config.node),
+            self.after_input,
+            metrics.observer("store") if metrics is not None else None,
         )
         self.links: dict[core.Connection, TransportLink | SocketLink] = {}
-        self.failures = 0  # effects whose execution raised (contained, logged)
         self._flush_needed = anyio.Event()
         self._flush_soon: Any = None  # on asyncio: loop.call_soon, so a pass's flush costs no task switch
         self._flush_queued = False
@@ -279,12 +494,7 @@ class Shell:
                 tg.start_soon(self._accept_loop, listener)
                 tg.start_soon(self._flusher)
             tg.start_soon(self._timers)
-            tg.start_soon(self.writer.run)
-            tg.start_soon(self._store_probe)
-            self.server.set_available("broker", self.broker.up)
-            await tg.start(self.broker.run, self)
-            if not isinstance(self.broker, MemoryBroker):
-                tg.start_soon(self._heartbeats)
+            await self.backends.run(tg)
             task_status.started()
 
     async def shutdown(self, grace: float = 2.0) -> None:
@@ -294,23 +504,24 @@ class Shell:
         elif self.listener is not None:
             anyio.notify_closing(self.listener)
             self.listener.close()
-        self.server.close_all(1001, "server shutting down")
+        self.server.close_all(core.CloseReason.GOING_AWAY, "server shutting down")
         self._flush()
         with anyio.move_on_after(grace):
             while self.links:
                 await anyio.sleep(0.02)
         for link in list(self.links.values()):
             if isinstance(link, TransportLink):
-                link.transport.abort()
-        with anyio.move_on_after(self.writer.retry_for + 1.0):
-            await self.writer.drain()  # what was acked or is being written gets its chance
-        await self.broker.close()  # presence goodbye: our users leave the others' lists now
-        await anyio.to_thread.run_sync(self.store.close)
+                link.abort()
+        await self.backends.close()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``fn(*args)`` as a task of the shell's (a link's drain task, say)."""
         assert self._tg is not None
+        self._tg.start_soon(fn, *args)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             try:
                 await anyio.wait_readable(listener)
@@ -328,83 +539,9 @@ class Shell:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 _size_send_buffer(sock)
-                self._tg.start_soon(self._connection, sock, peer)
+                self.start_soon(SocketLink(self, sock, peer).run)
 
-    async def _connection(self, sock: socket.socket, peer: Any) -> None:
-        server = self.server
-        conn = server.connect(peer, time.time())
-        link = conn.shell = self.links[conn] = SocketLink(self, conn, sock)
-        log.debug("conn %d %s: connected", conn.id, peer)
-        try:
-            with link.scope:
-                while not conn.closed:
-                    await anyio.wait_readable(sock)
-                    try:
-                        data = sock.recv(RECV_SIZE)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError:
-                        data = b""
-                    server.receive(conn, data, time.time())
-                    self._after_input()
-                    while conn.backlogged:  # its budget is spent: let every other task run first
-                        await anyio.sleep(0)
-                        server.resume(conn, time.time())
-                        self._after_input()
-            await self._close_socket(conn, link)
-        finally:
-            self.links.pop(conn, None)
-            if not conn.closed:  # cancelled from outside (shutdown): the socket is gone
-                server.receive(conn, b"", time.time())
-                self._after_input()
-            sock.close()
-            self._log_end(conn, peer)
-
-    async def _close_socket(self, conn: core.Connection, link: SocketLink) -> None:
-        """Write what is left, send FIN, and read until the peer closes too (or LINGER passes)."""
-        sock = link.sock
-        if link.drain is not None:  # one writer per socket: stop the drain task and take over
-            link.drain.cancel()
-            while link.drain is not None:
-                await anyio.sleep(0)
-        data = link.unsent + conn.data_to_send()
-        link.unsent = b""
-        with anyio.move_on_after(LINGER):
-            async with anyio.create_task_group() as tg:
-                peer_done = anyio.Event()
-                # Read (and discard) while we write: a peer that floods us without reading would
-                # otherwise block our close frame behind full buffers on both sides until LINGER.
-                tg.start_soon(_read_until_eof, sock, peer_done)
-                while data:
-                    try:
-                        sent = sock.send(data)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:
-                        tg.cancel_scope.cancel()
-                        return
-                    data = data[sent:]
-                    if data:
-                        await anyio.wait_writable(sock)
-                try:
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    tg.cancel_scope.cancel()
-                    return
-                await peer_done.wait()
-                tg.cancel_scope.cancel()
-
-    def _log_end(self, conn: core.Connection, peer: Any) -> None:
-        if conn.status is not None and conn.status >= 400:
-            log.info("conn %d %s: refused with HTTP %d", conn.id, peer, conn.status)
-        elif conn.status == 101:
-            log.debug(
-                "conn %d %s: disconnected (%s %s)", conn.id, peer, conn.close_code, core.printable(conn.close_reason)
-            )
-        else:
-            log.debug("conn %d %s: closed", conn.id, peer)
-
-    def _after_input(self) -> None:
+    def after_input(self) -> None:
         """Once per input: queue a flush for this loop pass and re-arm the timer if it moved closer."""
         if self._flush_soon is not None:
             if not self._flush_queued:
@@ -420,7 +557,7 @@ class Shell:
         """``link``'s connection has input its budget did not cover: stop reading its socket and
         let the core take the next budget in a later loop pass, after everyone else's input."""
         if link not in self._held:
-            link.transport.pause_reading()
+            link.pause_reading()
             self._held[link] = None
         if not self._resume_queued:
             self._resume_queued = True
@@ -436,9 +573,9 @@ class Shell:
             server.resume(conn, now)
             if conn.backlogged:
                 self._held[link] = None
-            elif not link.transport.is_closing():
-                link.transport.resume_reading()
-        self._after_input()
+            else:
+                link.resume_reading()
+        self.after_input()
         if self._held and not self._resume_queued:
             self._resume_queued = True
             asyncio.get_running_loop().call_soon(self._resume_held)
@@ -470,8 +607,9 @@ class Shell:
         (it was queued before its rooms' broadcasts of this pass), then each room's broadcasts
         as one bytes object, the same for every member: one write per connection per room."""
         server = self.server
-        if server._effects:
-            self._run_effects(server.effects())
+        effects = server.effects()
+        if effects:
+            self.backends.carry_out(effects)
         shared = server.take_shared()
         self._write_pending()
         for data, members in shared:
@@ -495,78 +633,6 @@ class Shell:
             data = conn.data_to_send()
             if data:
                 link.send(data)
-
-    def _run_effects(self, effects: list[core.Effect]) -> None:
-        """Carry out each effect on its own: one that raises is logged and counted, the rest go on."""
-        presence_changed = False
-        for effect in effects:
-            try:
-                if isinstance(effect, core.Publish):
-                    self.broker.publish(effect.room, effect.message)
-                elif isinstance(effect, core.Stored):
-                    self.writer.write(effect.room, effect.message, effect.ack)
-                elif isinstance(effect, core.History):
-                    self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)
-                elif isinstance(effect, core.PresenceChanged):
-                    presence_changed = True
-                elif isinstance(effect, core.Failure):
-                    log.error("conn %s: %s failed (contained)", effect.conn_id, effect.where, exc_info=effect.error)
-            except Exception:
-                self.failures += 1
-                log.exception("effect %s failed (contained)", type(effect).__name__)
-        if presence_changed:
-            self.broker.publish_presence(self.server.local_presence())
-
-    # -- what the backends report back (each is one input to the core) -----------
-
-    def _on_stored(self, acks: list[core.Ack]) -> None:
-        self.server.ack(acks)
-        self._after_input()
-
-    def _on_lost(self, acks: list[core.Ack], detail: str) -> None:
-        self.server.unavailable(acks, detail)
-        self._after_input()
-
-    def _on_history(self, conn_id: int, room: str, messages: list[Any]) -> None:
-        self.server.history_reply(conn_id, room, messages)
-        self._after_input()
-
-    def _on_history_failed(self, conn_id: int, detail: str) -> None:
-        self.server.history_failed(conn_id, detail)
-        self._after_input()
-
-    def _on_store_status(self, up: bool) -> None:
-        self.server.set_available("store", up)
-
-    def on_message(self, room: str, message: Any, node: str) -> None:
-        """A chat message another instance published."""
-        if self.server.deliver(room, message, node) is not None and not self.store.shared:
-            self.writer.write(room, message, None)  # our own history holds the other instances' messages too
-        self._after_input()
-
-    def on_presence(self, node: str, rooms: Any) -> None:
-        self.server.remote_presence(node, rooms, time.time())
-        self._after_input()
-
-    def on_sync(self) -> None:
-        self.broker.publish_presence(self.server.local_presence())
-
-    def on_broker_status(self, up: bool) -> None:
-        self.server.set_available("broker", up)
-
-    async def _heartbeats(self) -> None:
-        """Tell the other instances who is here, every ``presence_heartbeat`` seconds."""
-        while True:
-            self.broker.publish_presence(self.server.local_presence())
-            await anyio.sleep(self.server.config.presence_heartbeat)
-
-    async def _store_probe(self, interval: float = 1.0) -> None:
-        """Ping the store: at once (it opens and migrates), then every second while it is down,
-        every ten while it is up. Chat refuses messages while it is down."""
-        self.server.set_available("store", await self.writer.check())
-        while True:
-            await anyio.sleep(interval if not self.writer.up else 10 * interval)
-            await self.writer.check()
 
 
 # -- the command line -----------------------------------------------------------
@@ -721,8 +787,7 @@ async def serve(
         verifier=verifier_from(args),
     )
     shell = Shell(server, store, broker, metrics)
-    metrics.attach(shell)
-    _tune_gc()
+    metrics.attach(shell.backends)
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
     async with anyio.create_task_group() as tg:
@@ -794,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pass
         else:
             backend_options["use_uvloop"] = True
+    _tune_gc()  # process-wide, so here and not in serve(), which tests and embedders call too
     try:
         anyio.run(serve, args, backend=args.backend, backend_options=backend_options)
     except KeyboardInterrupt:

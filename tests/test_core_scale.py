@@ -54,11 +54,11 @@ def test_while_the_store_is_down_messages_are_refused_and_healthz_says_503() -> 
     alice.send_json({"event": "message", "text": "hi", "ref": 1})
     assert alice.json()[0]["code"] == "unavailable"
     assert bob.json() == []
-    assert hub.server._healthz({})[0] == 503
+    assert core.healthz(hub.server, {})[0] == 503
     hub.server.set_available("store", True)
     alice.send_json({"event": "message", "text": "hi", "ref": 2})
     assert alice.events() == ["ack"]
-    assert hub.server._healthz({})[0] == 200
+    assert core.healthz(hub.server, {})[0] == 200
 
 
 def test_history_pages_with_before() -> None:

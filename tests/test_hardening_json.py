@@ -211,7 +211,7 @@ def test_a_failing_effect_in_the_shell_leaves_the_others_done(backend: str) -> N
     from tests.conftest import start_in_process
 
     with contextmanager(start_in_process)(backend) as running:
-        broker = running.shell.broker
+        broker = running.shell.backends.broker
         real = broker.publish
         calls = []
 
@@ -227,4 +227,4 @@ def test_a_failing_effect_in_the_shell_leaves_the_others_done(backend: str) -> N
                 alice.send(json.dumps({"event": "message", "text": f"m{ref}", "ref": ref}))
                 assert json.loads(alice.recv(timeout=5)) == {"event": "ack", "ref": ref, "id": json.loads(
                     bob.recv(timeout=5))["id"]}
-        assert running.shell.failures == 1 and len(calls) == 2
+        assert running.shell.backends.failures == 1 and len(calls) == 2

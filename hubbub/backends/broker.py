@@ -162,9 +162,6 @@ class MemoryBroker:
     def publish_presence(self, rooms: Mapping[str, Sequence[str]] | None) -> None:
         pass
 
-    async def check(self) -> bool:
-        return True
-
     async def close(self) -> None:
         pass
 
@@ -187,7 +184,7 @@ class PubSubBroker:
 
     A subclass opens the connection (``_open``), sends a batch of envelopes
     (``_send``), reads envelopes until the connection fails (``_listen``),
-    pings (``_ping``) and closes (``_close``).
+    and closes (``_close``).
     """
 
     name = "pubsub"
@@ -263,16 +260,6 @@ class PubSubBroker:
         with anyio.move_on_after(1.0):
             while self.up and (self._queue or self._presence is not None):
                 await anyio.sleep(0.01)
-
-    async def check(self) -> bool:
-        if not self.up:
-            return False
-        try:
-            with anyio.fail_after(2.0):
-                await self._ping()
-        except (BrokerUnavailable, TimeoutError):
-            return False
-        return True
 
     def _poke(self) -> None:
         if self._wake is not None:
@@ -491,9 +478,6 @@ class PubSubBroker:
     def _listen(self) -> Any:
         raise NotImplementedError
 
-    async def _ping(self) -> None:
-        raise NotImplementedError
-
     async def _close(self) -> None:
         raise NotImplementedError
 
@@ -564,12 +548,6 @@ class RedisBroker(PubSubBroker):
         except self._errors as exc:
             raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
 
-    async def _ping(self) -> None:
-        try:
-            await self._client.ping()
-        except self._errors as exc:
-            raise BrokerUnavailable(str(exc)) from exc
-
     async def _close(self) -> None:
         for closable in (self._pubsub, self._client):
             if closable is None:
@@ -633,12 +611,6 @@ class NatsBroker(PubSubBroker):
                 yield msg.data
         except self._errors as exc:
             raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
-
-    async def _ping(self) -> None:
-        try:
-            await self._nc.flush(timeout=2)
-        except self._errors as exc:
-            raise BrokerUnavailable(str(exc)) from exc
 
     async def _close(self) -> None:
         if self._nc is not None:

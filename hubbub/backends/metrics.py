@@ -21,13 +21,13 @@ from hubbub import core
 class CoreCollector(Collector):
     """The core's counters, and the shell's and backends' own, read when Prometheus scrapes."""
 
-    def __init__(self, shell: Any) -> None:
-        self.shell = shell
+    def __init__(self, backends: Any) -> None:
+        self.backends = backends
 
     def collect(self) -> Iterator[Any]:
-        shell = self.shell
-        server = shell.server
-        broker = shell.broker
+        backends = self.backends
+        server = backends.server
+        broker = backends.broker
         m = server.metrics
         stats = server.stats()
         open_conns = GaugeMetricFamily("hubbub_connections", "open WebSocket connections", labels=["route"])
@@ -70,8 +70,8 @@ class CoreCollector(Collector):
             "hubbub_failures", "exceptions contained to one connection or item (each logged once)", labels=["where"]
         )
         counts = dict(m.failures)
-        counts["effect"] = shell.failures
-        counts["store"] = shell.writer.failures
+        counts["effect"] = backends.failures
+        counts["store"] = backends.writer.failures
         counts["broker"] = broker.failures
         for where, n in sorted(counts.items()):
             failures.add_metric([where], n)
@@ -100,9 +100,9 @@ class PrometheusMetrics:
 
         return observe
 
-    def attach(self, shell: Any) -> None:
-        """Report ``shell``'s core, store worker and broker at every scrape."""
-        self.registry.register(CoreCollector(shell))
+    def attach(self, backends: Any) -> None:
+        """Report the core, store worker and broker of ``backends`` (a shell's) at every scrape."""
+        self.registry.register(CoreCollector(backends))
 
     def render(self, server: core.Server, headers: Mapping[bytes, bytes]) -> tuple[int, bytes, str]:
         """The ``/metrics`` route for ``core.Server(http_routes=...)``."""

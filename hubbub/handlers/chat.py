@@ -43,8 +43,7 @@ def on_message(conn: Connection, event: dict[str, Any]) -> None:
     if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (str, int, float))):
         raise EventError("bad_field", '"ref" must be a string or a number')
     room = room_of(conn)
-    server = conn.server
-    if not server.available("store"):
+    if not conn.available("store"):
         error = {"event": "error", "code": "unavailable", "detail": "the message store is unreachable: not sent"}
         if ref is not None:
             error["ref"] = ref
@@ -55,10 +54,10 @@ def on_message(conn: Connection, event: dict[str, Any]) -> None:
         "room": room,
         "user": conn.user,
         "text": text,
-        "id": server.new_id(),
-        "ts": int(server.now * 1000),
+        "id": conn.new_id(),
+        "ts": int(conn.now * 1000),
     }
-    server.broadcast(room, message, exclude=conn)
+    conn.broadcast(room, message, exclude_self=True)
     conn.emit(Publish(room, message))
     conn.emit(Stored(room, message, Ack(conn.id, ref, message["id"])))
 
@@ -70,7 +69,7 @@ def on_history(conn: Connection, event: dict[str, Any]) -> None:
     before = event.get("before")
     if before is not None and not isinstance(before, str):
         raise EventError("bad_field", '"before" must be a message id (a string)')
-    limit = min(limit, conn.server.config.history_max)
+    limit = min(limit, conn.config.history_max)
     conn.emit(History(conn.id, room_of(conn), limit, before))
 
 

@@ -2,7 +2,7 @@
 
 Joins and leaves coalesce over ``Config.presence_window``: when the window ends,
 the connections that joined during it receive the full ``presence_state`` and
-everyone else one ``presence_diff`` (see ``core.Server._flush_presence``). A user with
+everyone else one ``presence_diff`` (see ``core.Rooms.end_window``). A user with
 several connections stays present until the last one closes (the core's
 presence rooms count connections per user).
 """
@@ -21,7 +21,7 @@ def on_open(conn: Connection) -> None:
 
 
 def on_list(conn: Connection, event: dict[str, Any]) -> None:
-    conn.reply({"event": "presence_state", "users": conn.server.presence(ROOM)})
+    conn.reply({"event": "presence_state", "users": conn.presence(ROOM)})
 
 
 endpoint = Endpoint(name="presence", on_open=on_open, events={"list": on_list})
