@@ -50,9 +50,9 @@ import json
 import re
 import struct
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
@@ -172,6 +172,9 @@ class Config:
         "seconds without a heartbeat after which another instance's users leave presence "
         "(an instance killed without goodbye drops out within this plus --presence-window)",
     )
+    codec: Codec = field(default_factory=lambda: STDLIB_JSON, metadata={"help": ""})
+    """How JSON is read and written: the standard library's by default; the shell passes orjson's
+    (``hubbub.server``), several times faster. Not a flag: both are strict the same way (``Codec``)."""
 
 
 class UsageError(Exception):
@@ -191,8 +194,12 @@ class Unauthorized(Exception):
     """Raised by a token verifier (``Server(verifier=...)``): the handshake is refused with 401."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+# Effects are named tuples: one or two are made per message, and a tuple is the cheapest value Python makes.
+
+_new_tuple = tuple.__new__
+
+
+class Ack(NamedTuple):
     """Who to tell once a message is stored: ``Server.ack`` or ``Server.unavailable`` takes these.
 
     ``ref`` is the client's (None: it asked for no ack, but still hears when its message was lost)."""
@@ -202,8 +209,7 @@ class Ack:
     id: str
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
+class Stored(NamedTuple):
     """Effect: a chat message to keep in the store; once it is, the shell calls ``Server.ack([ack])``."""
 
     room: str
@@ -211,21 +217,18 @@ class Stored:
     ack: Ack | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(NamedTuple):
     """Effect: a message for the members of ``room`` on the other instances (through the broker)."""
 
     room: str
     message: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class PresenceChanged:
+class PresenceChanged(NamedTuple):
     """Effect: this instance's presence changed; the shell tells the broker ``Server.local_presence()``."""
 
 
-@dataclass(frozen=True, slots=True)
-class History:
+class History(NamedTuple):
     """Effect: the shell should read a room's history and answer with ``Server.history_reply``."""
 
     conn_id: int
@@ -323,7 +326,38 @@ def decode_event(text: str) -> Any:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """Strict JSON both ways. ``loads(text)`` raises ``ValueError`` for what a browser's JSON.parse
+    would refuse or what could not be written back out (NaN, Infinity, numbers that overflow,
+    lone surrogates); ``dumps(value)`` gives UTF-8 bytes and never writes NaN or Infinity (it
+    raises, or writes null). Every client string passes ``loads``, so every output re-encodes."""
+
+    name: str
+    loads: Callable[[str], Any]
+    dumps: Callable[[Any], bytes]
+
+
+STDLIB_JSON = Codec("json", decode_event, lambda value: _encode_json(value).encode())
+"""The standard library's json, made strict by ``decode_event`` and ``allow_nan=False``."""
+
+
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+_FAST_DATA = frozenset((0x81, 0x82))  # FIN + text, FIN + binary, no RSV bit
+_FAST_DEFLATED = frozenset((0xC1, 0xC2))  # the same with RSV1: compressed, on a deflate connection
+_FAST_CONTROL = frozenset((0x89, 0x8A))  # FIN + ping, FIN + pong
+_FAST_PARTIAL = 64 * 1024 + 14
+"""A frame still arriving is buffered for the fast path up to this size; a larger one goes to wsproto,
+which takes it piece by piece instead of the buffer being copied on every read."""
+
+
+def _unmask(payload: bytes, key: bytes) -> bytes:
+    """XOR a client frame's payload with its 4-byte key, as two big integers: one C-speed operation."""
+    n = len(payload)
+    mask = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")).to_bytes(n, "little")
 
 
 def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
@@ -352,8 +386,12 @@ class OutboundMessage:
     def __init__(self, opcode: int, payload: bytes, min_compress: int, level: int) -> None:
         self.opcode = opcode
         self.payload = payload
-        self.plain = encode_frame(opcode, payload)
-        self._deflated: dict[int, bytes] = {}
+        n = len(payload)  # encode_frame, inline: one of these is made per message
+        if n < 126:
+            self.plain = bytes((0x80 | opcode, n)) + payload
+        else:
+            self.plain = encode_frame(opcode, payload)
+        self._deflated: dict[int, bytes] | None = None  # made for the first recipient that deflates
         self._min_size = min_compress
         self._level = level
 
@@ -361,18 +399,19 @@ class OutboundMessage:
         """The frame for a recipient that negotiated deflate with these bits (None: not at all)."""
         if window_bits is None or len(self.payload) < self._min_size:
             return self.plain
-        frame = self._deflated.get(window_bits)
+        deflated = self._deflated
+        if deflated is None:
+            deflated = self._deflated = {}
+        frame = deflated.get(window_bits)
         if frame is None:
             frame = encode_frame(self.opcode, deflate(self.payload, window_bits, self._level), rsv1=True)
-            self._deflated[window_bits] = frame
+            deflated[window_bits] = frame
         return frame
 
 
 def text_message(payload: Mapping[str, Any], config: Config) -> OutboundMessage:
-    """A JSON event as an outgoing text message."""
-    return OutboundMessage(
-        _TEXT, _encode_json(payload).encode(), config.compression_min_size, config.compression_level
-    )
+    """A JSON event as an outgoing text message, encoded once (with ``config.codec``)."""
+    return OutboundMessage(_TEXT, config.codec.dumps(payload), config.compression_min_size, config.compression_level)
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +450,21 @@ class BoundedDeflate(PerMessageDeflate):
         if not self._inbound_compressed or not self._inbound_is_compressible:
             return data
         return self._inflate(data)
+
+    def inflate_message(self, data: bytes) -> bytes | CloseReason:
+        """One whole compressed message at once (the receive fast path): what wsproto's path does
+        with its header, payload and completion, bounded the same way, on the same decompressor
+        (so a client's context takeover carries across both paths)."""
+        if self._decompressor is None:
+            self._decompressor = zlib.decompressobj(-int(self.client_max_window_bits))
+        out = self._inflate(data)
+        tail = out if isinstance(out, CloseReason) else self._inflate(_DEFLATE_TAIL)
+        self.inflated = 0
+        if self.client_no_context_takeover:
+            self._decompressor = None
+        if isinstance(tail, CloseReason):
+            return tail
+        return out + tail  # type: ignore[operator]
 
     def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
         if not fin:
@@ -605,11 +659,13 @@ class Router:
         return None
 
 
-def route_event(endpoint: Endpoint, text: str) -> tuple[Handler, dict[str, Any]] | EventError:
+def route_event(
+    endpoint: Endpoint, text: str, loads: Callable[[str], Any] = decode_event
+) -> tuple[Handler, dict[str, Any]] | EventError:
     """One client message on a JSON route: its handler and the event, or the error it gets
     (``bad_json``, ``not_object``, ``missing_event``, ``unknown_event``)."""
     try:
-        event = decode_event(text)
+        event = loads(text)
     except RecursionError:
         return EventError("bad_json", "JSON nested too deeply")
     except ValueError as exc:
@@ -709,6 +765,7 @@ class Upgrade:
     extensions: tuple[Extension, ...]
     """wsproto's extensions for this connection: permessage-deflate if agreed, then the size limit."""
     deflate_bits: int | None
+    max_message_size: int
     response: bytes
     """The ``101 Switching Protocols`` answer."""
 
@@ -923,7 +980,7 @@ class Gatekeeper:
                 response.append(f"Sec-WebSocket-Extensions: {accept_header}")
         extensions.append(SizeLimit(max_size))
         return Upgrade(
-            match.endpoint, match.params, query, user, claims, expires, tuple(extensions), deflate_bits,
+            match.endpoint, match.params, query, user, claims, expires, tuple(extensions), deflate_bits, max_size,
             ("\r\n".join(response) + "\r\n\r\n").encode("latin-1"),
         )
 
@@ -1060,11 +1117,17 @@ class Connection:
     """
 
     __slots__ = (
+        "_at",
         "_binary",
         "_bucket",
         "_config",
+        "_deflate",
+        "_extensions",
+        "_fast",
         "_http",
+        "_inbox",
         "_keepalive",
+        "_limit",
         "_outbox",
         "_parts",
         "_server",
@@ -1117,7 +1180,13 @@ class Connection:
         self._http: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=config.max_header_bytes
         )
-        self._ws: WSConnection | None = None
+        self._ws: WSConnection | None = None  # wsproto, made when first needed (see ``_engine``)
+        self._extensions: tuple[Extension, ...] | None = None  # wsproto's, once a WebSocket
+        self._deflate: BoundedDeflate | None = None  # permessage-deflate, if agreed
+        self._limit = 0  # bytes per message
+        self._fast = False  # the receive fast path reads the stream (until its first odd frame)
+        self._inbox = b""  # what the fast path has not read yet, from ``_at`` on
+        self._at = 0
         self._parts: list[str | bytes] = []
         self._binary = False
         self._bucket = RateBucket(config.rate_limit, now) if config.rate_limit > 0 else None
@@ -1159,7 +1228,7 @@ class Connection:
     def send(self, payload: Mapping[str, Any]) -> None:
         """Send one JSON event to this connection."""
         if self.state is State.OPEN:
-            self.queue(text_message(payload, self._config).frame_for(self.deflate_bits))
+            self.queue(self._frame(payload))
 
     def reply(self, payload: Mapping[str, Any]) -> None:
         """Send one JSON event this connection asked for (a history page, a presence list).
@@ -1168,7 +1237,18 @@ class Connection:
         bytes do not count against ``max_buffer`` (only against ``REPLY_ALLOWANCE`` times it,
         so one that asks again and again without reading is still closed)."""
         if self.state is State.OPEN:
-            self.queue_reply(text_message(payload, self._config).frame_for(self.deflate_bits))
+            self.queue_reply(self._frame(payload))
+
+    def _frame(self, payload: Mapping[str, Any]) -> bytes:
+        """One event's frame for this connection alone (an ack, an error, a reply): compressed only if
+        this connection deflates and the event is big enough to be worth it."""
+        config = self._config
+        body = config.codec.dumps(payload)
+        if self.deflate_bits is None or len(body) < config.compression_min_size:
+            n = len(body)
+            return bytes((0x81, n)) + body if n < 126 else encode_frame(_TEXT, body)
+        return OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level).frame_for(
+            self.deflate_bits)
 
     def send_message(self, message: str | bytes) -> None:
         """Send a text (str) or binary (bytes) message as it is."""
@@ -1194,6 +1274,14 @@ class Connection:
     def emit(self, effect: Effect) -> None:
         """Hand an effect (``Stored``, ``Publish``, ``History``) to the shell's backends."""
         self._server.emit(effect)
+
+    def publish(self, room: str, message: dict[str, Any], ref: Any = None) -> str | None:
+        """A message from this connection for ``room``: it gets its ``id`` and ``ts`` (added last),
+        goes to the other members here at once, to the other instances (``Publish``) and to the
+        store (``Stored``); this connection hears an ``ack`` with ``ref`` once it is stored (or
+        ``unavailable`` if it could not be). Returns the id; None when the store is known to be down
+        (nothing was sent, and this connection got an ``unavailable`` error with ``ref``)."""
+        return self._server.publish(self, room, message, ref)
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake (the peer's close frame or ``close_timeout`` ends it)."""
@@ -1245,7 +1333,10 @@ class Connection:
         self.queue(upgrade.response)
         self.status = 101
         self._http = None
-        self._ws = WSConnection(ConnectionType.SERVER, list(upgrade.extensions))
+        self._extensions = upgrade.extensions
+        self._limit = upgrade.max_message_size
+        self._deflate = next((e for e in upgrade.extensions if isinstance(e, BoundedDeflate)), None)
+        self._fast = self._server.fast_path
         self.state = State.OPEN
 
     def answer(self, status: int, response: bytes) -> None:
@@ -1253,22 +1344,39 @@ class Connection:
         self.queue(response)
         self.status = status
 
+    def _engine(self) -> WSConnection:
+        """wsproto, made when first needed: for the first frame the fast path does not take, or for
+        our close frame. Until then it has seen nothing, so it starts where the stream stands: open,
+        at a frame boundary, no message in progress (the fast path takes whole messages only)."""
+        ws = self._ws
+        if ws is None:
+            assert self._extensions is not None
+            ws = self._ws = WSConnection(ConnectionType.SERVER, list(self._extensions))
+        return ws
+
     def feed(self, data: bytes) -> None:
-        """Frame bytes in, for ``events`` to parse."""
-        assert self._ws is not None
-        self._ws.receive_data(data)
+        """Frame bytes in, for ``read_frames``."""
+        if self._fast:
+            inbox = self._inbox
+            self._inbox = data if self._at >= len(inbox) else inbox[self._at :] + data
+            self._at = 0
+        else:
+            self._engine().receive_data(data)
 
     def read_frames(self, budget: int | None) -> Iterator[str | bytes | CloseConnection]:
         """The complete messages and the close frame in what was fed, from at most ``budget`` frames
         (None: all of them). Pings are answered and pongs noted here; every frame costs a rate token.
 
-        wsproto parses lazily, so frames past the budget stay in its buffer: the connection is then
-        ``backlogged`` until ``Server.resume`` reads on (one connection's flood delays the others by
-        one budget at most, however much it sends in one read)."""
-        assert self._ws is not None
+        Frames past the budget stay buffered: the connection is then ``backlogged`` until
+        ``Server.resume`` reads on (one connection's flood delays the others by one budget at most,
+        however much it sends in one read)."""
         self.backlogged = False
         left = budget if budget is not None and budget > 0 else -1
-        for event in self._ws.events():
+        if self._fast:
+            left = yield from self._read_fast(left)
+            if self._fast or left == 0:
+                return
+        for event in self._engine().events():
             if self.state is State.CLOSED:
                 return
             if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
@@ -1289,9 +1397,105 @@ class Connection:
                 self.backlogged = self.state is not State.CLOSED
                 return
 
+    def _read_fast(self, left: int) -> Generator[str | bytes | CloseConnection, None, int]:
+        """The receive fast path: whole frames straight from the buffered bytes, no wsproto.
+
+        It takes what nearly every client sends: a masked, unfragmented text or binary frame (RSV1
+        only on a permessage-deflate connection) under the message size limit, whole in the buffer,
+        and pings and pongs. It unmasks in one C-speed integer XOR and decodes UTF-8 strictly. The
+        first frame it does not take (a fragment, a close, a reserved bit or opcode, an unmasked or
+        oversized frame, invalid UTF-8, a big frame still arriving) and everything after it go to
+        wsproto, for good: wsproto's answer to it is the answer (tests/test_core_fastpath.py proves
+        both paths give the same events and close codes for any stream). Returns the budget left."""
+        buf = self._inbox
+        end = len(buf)
+        pos = self._at
+        limit = self._limit
+        deflate = self._deflate
+        closed, open_ = State.CLOSED, State.OPEN
+        raw = self.endpoint is not None and self.endpoint.on_raw is not None
+        while True:
+            if pos + 2 > end or self.state is closed:
+                break
+            b0 = buf[pos]
+            n = buf[pos + 1] & 0x7F
+            head = pos + 2
+            if n == 126:
+                if pos + 4 > end:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = pos + 4
+            elif n == 127:
+                if pos + 10 > end:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = pos + 10
+            if buf[pos + 1] < 0x80 or not (
+                (b0 in _FAST_DATA and n <= limit)
+                or (b0 in _FAST_CONTROL and n < 126)
+                or (b0 in _FAST_DEFLATED and deflate is not None and n <= limit)
+            ):
+                return (yield from self._hand_over(buf, pos, left))
+            stop = head + 4 + n
+            if stop > end:
+                if stop - pos > _FAST_PARTIAL:  # a big frame still arriving: wsproto streams it as it comes
+                    return (yield from self._hand_over(buf, pos, left))
+                break
+            payload = _unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
+            if b0 & 0x40:  # compressed, on a deflate connection
+                inflated = deflate.inflate_message(payload)  # type: ignore[union-attr]
+                if isinstance(inflated, CloseReason):  # as wsproto reports an extension's refusal
+                    self._at = stop
+                    yield CloseConnection(inflated, "error in extension")
+                    return 0
+                payload = inflated
+            message: str | bytes | None = None
+            if b0 & 0x0F == 0x1:
+                try:
+                    message = payload.decode()
+                except UnicodeDecodeError as exc:
+                    if not b0 & 0x40:  # wsproto answers it (1007), in its own words
+                        return (yield from self._hand_over(buf, pos, left))
+                    self._at = stop  # inflated already, so it cannot be handed over: wsproto's answer here
+                    yield CloseConnection(CloseReason.INVALID_FRAME_PAYLOAD_DATA, str(exc))
+                    return 0
+            elif b0 & 0x0F == 0x2:
+                message = payload
+            self._at = pos = stop
+            if message is None:
+                if b0 == 0x89:
+                    if self.ws_open and self._admit(False):
+                        self.queue(encode_frame(0xA, payload))
+                elif self._admit(False):
+                    self._keepalive.pong(payload)
+            elif self.state is open_:
+                if not raw and type(message) is bytes:
+                    self._server.send_close(
+                        self, CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route"
+                    )
+                elif self._bucket is None or self._admit(True):
+                    yield message
+            left -= 1
+            if left == 0:
+                self.backlogged = pos < end and self.state is not closed
+                return 0
+        if pos >= end or self.state is closed:
+            self._inbox, self._at = b"", 0
+        else:
+            self._at = pos  # a frame still arriving: the rest comes with the next read
+        return left
+
+    def _hand_over(self, buf: bytes, pos: int, left: int) -> Generator[str | bytes, None, int]:
+        """From the frame at ``pos`` on, the stream is wsproto's (``read_frames`` goes on there)."""
+        self._fast = False
+        self._inbox, self._at = b"", 0
+        self._engine().receive_data(buf[pos:])
+        return left
+        yield  # a generator, so that _read_fast can ``yield from`` it
+
     def _data(self, event: TextMessage | BytesMessage) -> str | bytes | None:
-        """One data frame (or part of one): the whole message once its last fragment came and the rate
-        admits it. A fragment that ends no message costs a token of its own."""
+        """One data frame (or part of one) from wsproto: the whole message once its last fragment came
+        and the rate admits it. A fragment that ends no message costs a token of its own."""
         assert self.endpoint is not None
         if isinstance(event, BytesMessage) and self.endpoint.on_raw is None:
             self._server.send_close(self, CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route")
@@ -1332,17 +1536,25 @@ class Connection:
 
     @property
     def ws_open(self) -> bool:
-        """wsproto would still send a data or control frame (neither side has sent its close)."""
-        return self._ws is not None and self._ws.state is WSState.OPEN
+        """Neither side has sent its close frame (data and control frames may still be sent)."""
+        return self.ws_state is WSState.OPEN
 
     @property
     def ws_state(self) -> WSState | None:
-        return self._ws.state if self._ws is not None else None
+        """wsproto's state; a WebSocket whose engine is not made yet is open. None: not a WebSocket."""
+        if self._ws is not None:
+            return self._ws.state
+        return WSState.OPEN if self._extensions is not None else None
 
     def send_frame(self, event: Any) -> None:
-        """Queue wsproto's frame for ``event`` (a pong, a ping, a close)."""
-        assert self._ws is not None
-        self.queue(self._ws.send(event))
+        """Queue the frame for ``event``: a pong or a ping (encoded here, as wsproto would: control
+        frames carry no state), or a close (through wsproto, which tracks the closing handshake)."""
+        if isinstance(event, Pong):
+            self.queue(encode_frame(0xA, event.payload))
+        elif isinstance(event, Ping):
+            self.queue(encode_frame(0x9, event.payload))
+        else:
+            self.queue(self._engine().send(event))
 
     def ping(self) -> int:
         """Queue a keepalive ping; returns its number, for ``pong_late``."""
@@ -1358,6 +1570,9 @@ class Connection:
         self.backlogged = False
         self._ws = None
         self._http = None
+        self._extensions = None
+        self._deflate = None
+        self._inbox, self._at = b"", 0
         self._parts = []
         self._outbox.pending[self] = None
 
@@ -1650,7 +1865,11 @@ class Rooms:
     def broadcast(self, name: str, message: OutboundMessage, excluded: Collection[Connection]) -> int:
         """``message`` for every member of room ``name`` but ``excluded``, batched for this pass."""
         room = self.by_name.get(name)
-        return 0 if room is None else self._broadcast(room, message, excluded)
+        if room is None:
+            return 0
+        if not room.batching:
+            self._batched.append(room)
+        return room.broadcast(message, excluded)
 
     def _broadcast(self, room: Room, message: OutboundMessage, excluded: Collection[Connection]) -> int:
         if not room.batching:
@@ -1871,20 +2090,22 @@ class IdClock:
     """Message ids: unique and time-ordered, milliseconds then a sequence within the millisecond,
     then this instance's node tag (so instances never collide)."""
 
-    __slots__ = ("_ms", "_node", "_seq")
+    __slots__ = ("_ms", "_node", "_prefix", "_seq")
 
     def __init__(self, node: str) -> None:
         self._node = node
         self._ms = 0
         self._seq = 0
+        self._prefix = ""
 
     def next(self, now: float) -> str:
         ms = int(now * 1000)
         if ms > self._ms:
             self._ms, self._seq = ms, 0
+            self._prefix = f"{ms:012x}"  # once per millisecond, not per message
         else:
             self._seq += 1
-        return f"{self._ms:012x}{self._seq:06x}{self._node}"
+        return f"{self._prefix}{self._seq:06x}{self._node}"
 
 
 def healthz(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
@@ -1918,9 +2139,12 @@ class Server:
         config: Config | None = None,
         http_routes: Mapping[str, HttpRoute] | None = None,
         verifier: Verifier | None = None,
+        fast_path: bool = True,
     ) -> None:
         """``verifier`` turns on token authentication: every WebSocket handshake must carry a token
-        (``?token=`` or ``Authorization: Bearer``) it accepts, and its ``sub`` claim is the user."""
+        (``?token=`` or ``Authorization: Bearer``) it accepts, and its ``sub`` claim is the user.
+        ``fast_path`` False reads every frame through wsproto (the receive fast path's reference)."""
+        self.fast_path = fast_path
         self.router = router
         self.config = config = config or Config()
         self.connections: dict[int, Connection] = {}
@@ -2087,10 +2311,15 @@ class Server:
 
     def ack(self, acks: Iterable[Ack]) -> None:
         """The store committed these messages: tell each sender that is still connected."""
-        for ack in acks:
-            conn = self.connections.get(ack.conn_id)
-            if conn is not None and ack.ref is not None:
-                self._answer_safely(conn, {"event": "ack", "ref": ack.ref, "id": ack.id})
+        connections = self.connections
+        for conn_id, ref, message_id in acks:
+            if ref is not None:
+                conn = connections.get(conn_id)
+                if conn is not None:
+                    try:
+                        conn.send({"event": "ack", "ref": ref, "id": message_id})
+                    except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
+                        self._contain("ack", conn, exc)
         self._settle()
 
     def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
@@ -2194,6 +2423,28 @@ class Server:
     def emit(self, effect: Effect) -> None:
         self._effects.append(effect)
 
+    def publish(self, conn: Connection, room: str, message: dict[str, Any], ref: Any) -> str | None:
+        """``Connection.publish``: the broadcast (encoded once, batched for the pass) and the two
+        effects that take the message to the broker and the store."""
+        if not self._backends.get("store", True):
+            error = {"event": "error", "code": "unavailable", "detail": "the message store is unreachable: not sent"}
+            if ref is not None:
+                error["ref"] = ref
+            conn.send(error)
+            return None
+        now = self._now
+        message["id"] = message_id = self._ids.next(now)
+        message["ts"] = int(now * 1000)
+        config = self.config
+        out = OutboundMessage(_TEXT, config.codec.dumps(message), config.compression_min_size, config.compression_level)
+        count = self._rooms.broadcast(room, out, (conn,))
+        self.metrics.deliveries += count
+        effects = self._effects
+        # the named tuples' own __new__ is a Python function; tuple.__new__ builds the same values in C
+        effects.append(_new_tuple(Publish, (room, message)))
+        effects.append(_new_tuple(Stored, (room, message, _new_tuple(Ack, (conn.id, ref, message_id)))))
+        return message_id
+
     def presence(self, room: str) -> list[str]:
         """Users present in a room on this instance and the others, sorted."""
         return self._rooms.presence(room)
@@ -2275,7 +2526,7 @@ class Server:
     def _process_frames(self, conn: Connection, budget: int | None) -> None:
         """Handle what the connection has buffered, at most ``budget`` frames of it (None: all)."""
         for item in conn.read_frames(budget):
-            if isinstance(item, CloseConnection):
+            if type(item) is CloseConnection:  # not isinstance: wsproto's events are ABCs, slow to test
                 self._on_close_frame(conn, item)
             elif conn.state is State.OPEN:
                 self._on_message(conn, item)
@@ -2303,11 +2554,16 @@ class Server:
         if endpoint.on_raw is not None:
             self._call(conn, endpoint.on_raw, conn, message)
             return
-        routed = route_event(endpoint, message)  # type: ignore[arg-type]
-        if isinstance(routed, EventError):
-            conn.error(routed.code, routed.detail)
+        routed = route_event(endpoint, message, self.config.codec.loads)  # type: ignore[arg-type]
+        if type(routed) is tuple:
+            try:
+                routed[0](conn, routed[1])
+            except EventError as exc:
+                conn.error(exc.code, exc.detail)
+            except Exception as exc:  # a handler's bug must not take the server down with it
+                self._contain("handler", conn, exc)
         else:
-            self._call(conn, routed[0], conn, routed[1])
+            conn.error(routed.code, routed.detail)  # type: ignore[union-attr]
 
     def _call(self, conn: Connection, fn: Callable[..., None], *args: Any) -> None:
         """Run application code: EventError answers the client; anything else closes 1011."""

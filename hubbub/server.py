@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
+import orjson
 from anyio.abc import TaskGroup
 
 from hubbub import core
@@ -53,6 +54,12 @@ from hubbub.backends.store import DEFAULT_RETENTION, MemoryStore, Store, StoreWo
 from hubbub.handlers import build_router, page
 
 log = logging.getLogger("hubbub")
+
+ORJSON = core.Codec("orjson", orjson.loads, orjson.dumps)
+"""The JSON the server runs with: orjson is strict by itself (it refuses NaN, Infinity, numbers that
+overflow and lone surrogates, and never writes NaN) and, measured on the receive path of a room of 3,
+takes 65,000 instructions per message against the standard library's 104,000
+(``python -m bench.instructions``)."""
 
 RECV_SIZE = 256 * 1024
 LINGER = 2.0  # seconds we keep reading after our FIN, so the peer sees our close frame, not a reset
@@ -369,25 +376,44 @@ class Backends:
         await anyio.to_thread.run_sync(self.store.close)
 
     def carry_out(self, effects: list[core.Effect]) -> None:
-        """Carry out each effect on its own: one that raises is logged and counted, the rest go on."""
+        """Carry out a pass's effects, in order: its messages go to the store as one batch (and, with
+        a broker, out to the other instances); one effect that raises is logged and counted, the
+        rest go on."""
+        stored: list[tuple[str, Any, core.Ack | None]] = []
+        publish = None if isinstance(self.broker, MemoryBroker) else self.broker.publish  # nobody else to tell
         presence_changed = False
         for effect in effects:
+            kind = type(effect)
             try:
-                if isinstance(effect, core.Publish):
-                    self.broker.publish(effect.room, effect.message)
-                elif isinstance(effect, core.Stored):
-                    self.writer.write(effect.room, effect.message, effect.ack)
-                elif isinstance(effect, core.History):
-                    self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)
-                elif isinstance(effect, core.PresenceChanged):
+                if kind is core.Stored:
+                    stored.append(effect)  # type: ignore[arg-type]
+                elif kind is core.Publish:
+                    if publish is not None:
+                        publish(effect.room, effect.message)  # type: ignore[union-attr]
+                elif kind is core.History:
+                    if stored:  # a read sees every message stored before it was asked for
+                        self._store(stored)
+                        stored = []
+                    self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)  # type: ignore[union-attr]
+                elif kind is core.PresenceChanged:
                     presence_changed = True
-                elif isinstance(effect, core.Failure):
-                    log.error("conn %s: %s failed (contained)", effect.conn_id, effect.where, exc_info=effect.error)
+                elif kind is core.Failure:
+                    log.error("conn %s: %s failed (contained)", effect.conn_id, effect.where,  # type: ignore[union-attr]
+                              exc_info=effect.error)  # type: ignore[union-attr]
             except Exception:
                 self.failures += 1
-                log.exception("effect %s failed (contained)", type(effect).__name__)
+                log.exception("effect %s failed (contained)", kind.__name__)
+        if stored:
+            self._store(stored)
         if presence_changed:
             self.broker.publish_presence(self.server.local_presence())
+
+    def _store(self, items: list[tuple[str, Any, core.Ack | None]]) -> None:
+        try:
+            self.writer.write_many(items)
+        except Exception:
+            self.failures += 1
+            log.exception("storing %d messages failed (contained)", len(items))
 
     # -- what the store worker reports (each is one input to the core) --------------------
 
@@ -714,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--jwt-audience", default=_env("jwt_audience"), help="required 'aud' claim of tokens")
     parser.add_argument("--jwt-issuer", default=_env("jwt_issuer"), help="required 'iss' claim of tokens")
-    skip = {"compression", "allowed_origins", "allowed_hosts", "node"}
+    skip = {"compression", "allowed_origins", "allowed_hosts", "node", "codec"}
     for f in dataclasses.fields(core.Config):
         if f.name in skip:
             continue
@@ -736,10 +762,11 @@ def config_from(args: argparse.Namespace) -> core.Config:
     values = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(core.Config)
-        if f.name not in ("compression", "allowed_origins", "allowed_hosts", "node")
+        if f.name not in ("compression", "allowed_origins", "allowed_hosts", "node", "codec")
     }
     return core.Config(
         **values,
+        codec=ORJSON,
         compression=not args.no_compression,
         allowed_origins=_names(args.allowed_origins),
         allowed_hosts=_names(args.allowed_hosts),

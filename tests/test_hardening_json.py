@@ -137,16 +137,12 @@ def test_hostile_json_into_every_event_of_every_route(route: str, messages: list
 def test_a_failing_timer_costs_only_its_own_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     hub = Hub(ping_interval=1.0)
     victim, other = hub.join("/chat?user=v"), hub.join("/chat?user=o")
-    ws = victim.conn._ws
-    assert ws is not None
-    real = ws.send
 
-    def broken(event: Any) -> bytes:
-        if type(event).__name__ == "Ping":
+    class BrokenKeepalive(core.Keepalive):
+        def ping(self) -> bytes:
             raise RuntimeError("injected: the ping could not be built")
-        return real(event)
 
-    monkeypatch.setattr(ws, "send", broken)
+    monkeypatch.setattr(victim.conn, "_keepalive", BrokenKeepalive())
     hub.advance(1.1)
     assert victim.closed_with == 1011
     assert other.pings == 1 and other.closed_with is None  # its ping, due in the same tick, went out
@@ -204,27 +200,29 @@ def test_a_failing_handler_leaves_the_rest_of_the_pass_done() -> None:
 
 
 def test_a_failing_effect_in_the_shell_leaves_the_others_done(backend: str) -> None:
-    """Over a real socket: the broker's publish raises for one message; the same message is still
-    stored and acked (the next effect of the pass), and the server goes on."""
+    """Over a real socket: carrying out one effect raises (the store worker's history read, injected);
+    the message sent in the same write is still stored and acked, and the server goes on."""
     from websockets.sync.client import connect
 
     from tests.conftest import start_in_process
 
     with contextmanager(start_in_process)(backend) as running:
-        broker = running.shell.backends.broker
-        real = broker.publish
+        writer = running.shell.backends.writer
+        real = writer.read
         calls = []
 
-        def publish_once_broken(room: str, message: Any) -> None:
-            calls.append(room)
+        def read_once_broken(*args: Any) -> None:
+            calls.append(args)
             if len(calls) == 1:
-                raise RuntimeError("injected: the broker refused")
-            real(room, message)
+                raise RuntimeError("injected: the history read failed")
+            real(*args)
 
-        broker.publish = publish_once_broken  # type: ignore[method-assign]
+        writer.read = read_once_broken  # type: ignore[method-assign]
         with connect(f"{running.url}/chat/fx?user=a") as alice, connect(f"{running.url}/chat/fx?user=b") as bob:
-            for ref in (1, 2):
-                alice.send(json.dumps({"event": "message", "text": f"m{ref}", "ref": ref}))
-                assert json.loads(alice.recv(timeout=5)) == {"event": "ack", "ref": ref, "id": json.loads(
-                    bob.recv(timeout=5))["id"]}
+            alice.send(json.dumps({"event": "history", "limit": 5}))  # its effect fails
+            alice.send(json.dumps({"event": "message", "text": "m1", "ref": 1}))
+            delivered = json.loads(bob.recv(timeout=5))
+            assert json.loads(alice.recv(timeout=5)) == {"event": "ack", "ref": 1, "id": delivered["id"]}
+            alice.send(json.dumps({"event": "history", "limit": 5}))  # the next read works
+            assert [m["text"] for m in json.loads(alice.recv(timeout=5))["messages"]] == ["m1"]
         assert running.shell.backends.failures == 1 and len(calls) == 2

@@ -12,7 +12,7 @@ from tests.servers import ROOT
 
 START = "<!-- limits-table: generated from core.Config; tests/test_readme.py checks it -->"
 END = "<!-- /limits-table -->"
-SHELL_ONLY = {"compression", "allowed_origins", "allowed_hosts", "node"}  # flags of their own, or not a flag
+SHELL_ONLY = {"compression", "allowed_origins", "allowed_hosts", "node", "codec"}  # flags of their own, or not a flag
 
 
 def limits_table() -> str:

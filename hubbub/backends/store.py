@@ -176,22 +176,25 @@ class MemoryStore:
         self._swept = -math.inf
 
     def add(self, room: str, message: Message) -> None:
-        cutoff = self._cutoff()
-        if message["id"] in self._ids or (cutoff is not None and _ts(message) < cutoff):
-            return  # a repeat, or already older than we keep
-        kept = self._rooms.get(room)
-        if kept is None:
-            kept = self._rooms[room] = deque(maxlen=self.per_room)
-        elif cutoff is not None:
-            self._expire(kept, cutoff)
-        if len(kept) == kept.maxlen:
-            self._ids.discard(kept[0]["id"])
-        kept.append(message)
-        self._ids.add(message["id"])
+        self.write([(room, message)])
 
     def write(self, messages: Sequence[tuple[str, Message]]) -> None:
+        """Keep a batch (a loop pass's messages): the clock is read and the age checked once for all."""
+        cutoff = self._cutoff()
+        rooms, ids, per_room = self._rooms, self._ids, self.per_room
         for room, message in messages:
-            self.add(room, message)
+            message_id = message["id"]
+            if message_id in ids or (cutoff is not None and _ts(message) < cutoff):
+                continue  # a repeat, or already older than we keep
+            kept = rooms.get(room)
+            if kept is None:
+                kept = rooms[room] = deque(maxlen=per_room)
+            elif cutoff is not None and _ts(kept[0]) < cutoff:
+                self._expire(kept, cutoff)
+            if len(kept) == per_room:
+                ids.discard(kept[0]["id"])
+            kept.append(message)
+            ids.add(message_id)
 
     def history(self, room: str, limit: int, before: str | None = None) -> list[Message]:
         """Up to ``limit`` messages older than id ``before`` (or the newest), oldest first."""
@@ -614,6 +617,29 @@ class StoreWorker:
         self._limiter = anyio.CapacityLimiter(1)
 
     # -- what the shell calls ---------------------------------------------------
+
+    def write_many(self, items: list[Item]) -> None:
+        """A loop pass's messages, (room, message, ack) each: one batch, one commit, one call of
+        ``on_stored`` with their acks (inline for a store that never blocks)."""
+        if not self.store.blocking and not self._writes and self.up:
+            started = time.perf_counter()
+            try:
+                self.store.write([(room, message) for room, message, _ in items])
+            except StoreError:
+                pass  # queued below: the loop retries it like any failed batch
+            except Exception:  # one of them is poison: take them one at a time, the loop's way
+                for room, message, ack in items:
+                    self.write(room, message, ack)
+                return
+            else:
+                self._notify(self.observe, "write", time.perf_counter() - started)
+                acks = [ack for _, _, ack in items if ack is not None]
+                if acks:
+                    self._notify(self.on_stored, acks)
+                return
+        self._writes.extend(items)
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
 
     def write(self, room: str, message: Message, ack: Any) -> None:
         if not self.store.blocking and not self._writes and self.up:

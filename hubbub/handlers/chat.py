@@ -2,9 +2,10 @@
 
 A message goes to every *other* member of the room at once, on this instance
 and (through the broker, ``Publish``) on the others, with a server-assigned id
-and timestamp. The sender gets an ``ack`` when it passed a ``ref``, but only
-once the store has kept the message: the ``Stored`` effect carries the ``Ack``
-and the shell hands it back through ``Server.ack`` after its batch commits (or
+and timestamp (``Connection.publish`` does all of it, from one encode). The
+sender gets an ``ack`` when it passed a ``ref``, but only once the store has
+kept the message: the ``Stored`` effect carries the ``Ack`` and the shell hands
+it back through ``Server.ack`` after its batch commits (or
 ``Server.unavailable`` when it cannot). While the store is known to be down,
 messages are refused with ``unavailable`` instead of being sent unkept.
 History is read by the shell's store, which answers through
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hubbub.core import Ack, Connection, Endpoint, EventError, History, Publish, Stored
+from hubbub.core import Connection, Endpoint, EventError, History
 
 DEFAULT_ROOM = "lobby"
 DEFAULT_HISTORY = 50
@@ -42,24 +43,9 @@ def on_message(conn: Connection, event: dict[str, Any]) -> None:
     ref = event.get("ref")
     if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (str, int, float))):
         raise EventError("bad_field", '"ref" must be a string or a number')
-    room = room_of(conn)
-    if not conn.available("store"):
-        error = {"event": "error", "code": "unavailable", "detail": "the message store is unreachable: not sent"}
-        if ref is not None:
-            error["ref"] = ref
-        conn.send(error)
-        return
-    message = {
-        "event": "message",
-        "room": room,
-        "user": conn.user,
-        "text": text,
-        "id": conn.new_id(),
-        "ts": int(conn.now * 1000),
-    }
-    conn.broadcast(room, message, exclude_self=True)
-    conn.emit(Publish(room, message))
-    conn.emit(Stored(room, message, Ack(conn.id, ref, message["id"])))
+    room = conn.params.get("room", DEFAULT_ROOM)
+    # publish adds "id" and "ts", refuses with "unavailable" while the store is down, and acks once stored
+    conn.publish(room, {"event": "message", "room": room, "user": conn.user, "text": text}, ref)
 
 
 def on_history(conn: Connection, event: dict[str, Any]) -> None:
