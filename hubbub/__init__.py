@@ -6,9 +6,17 @@
 - ``hubbub.backends``: the broker, store, auth and metrics the shell plugs in.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-try:
-    __version__ = version("hubbub")
-except PackageNotFoundError:  # run from a checkout that was never installed
-    __version__ = "0+checkout"
+
+def __getattr__(name: str) -> Any:
+    """``hubbub.__version__``, read from the installed metadata only when asked: importlib.metadata
+    costs every server process several MB of memory (its email parser) for a string it rarely needs."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("hubbub")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            return "0+checkout"
+    raise AttributeError(f"module 'hubbub' has no attribute {name!r}")

@@ -360,6 +360,18 @@ def _unmask(payload: bytes, key: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")).to_bytes(n, "little")
 
 
+def _utf8_so_far(buf: bytes, head: int, end: int) -> bool:
+    """The part of a text frame that has arrived (its mask key at ``head``) could still be UTF-8."""
+    if end <= head + 4:
+        return True
+    data = _unmask(buf[head + 4 : end], buf[head : head + 4])
+    try:
+        data.decode()
+    except UnicodeDecodeError as exc:  # a character cut short by the read is not an error (yet)
+        return exc.reason == "unexpected end of data" and exc.start >= len(data) - 3
+    return True
+
+
 def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
     """One final, unmasked server frame, byte-identical to what wsproto would produce."""
     first = 0x80 | opcode | (0x40 if rsv1 else 0)
@@ -730,6 +742,49 @@ def http_response(
     return "\r\n".join(lines).encode("latin-1") + body
 
 
+class RequestHead(NamedTuple):
+    """One parsed HTTP request head: what the gatekeeper decides on."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    """(name as sent, value), in order."""
+
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*")
+"""h11's own grammar (``h11._abnf``) for a request line and a header line, in one regex each."""
+
+
+def parse_head(head: bytes) -> RequestHead | None:
+    """The request fast path: parse a complete head (up to, not including, its blank line) the way
+    h11 would, or None for anything h11 must judge itself. It takes only what nearly every client
+    sends: an HTTP/1.1 request line, header lines in h11's grammar ending in CRLF (no obsolete line
+    folding), one Host, and no body (no Content-Length or Transfer-Encoding); whatever it takes, h11
+    takes the same way (``tests/test_core_fastpath.py`` checks this for random heads)."""
+    lines = head.split(b"\r\n")
+    first = _REQUEST_LINE.fullmatch(lines[0])
+    if first is None:
+        return None
+    headers = []
+    hosts = 0
+    for line in lines[1:]:
+        field = _HEADER_LINE.fullmatch(line)
+        if field is None:
+            return None
+        name = field[1]
+        lower = name.lower()
+        if lower == b"host":
+            hosts += 1
+        elif lower == b"content-length" or lower == b"transfer-encoding":
+            return None
+        headers.append((name, field[2]))
+    if hosts != 1:
+        return None
+    return RequestHead(first[1], first[2], headers)
+
+
 @dataclass(frozen=True, slots=True)
 class Refuse:
     """Decision: answer ``status`` with ``reason`` as the body, then close (never accept-then-close)."""
@@ -762,8 +817,8 @@ class Upgrade:
     claims: Mapping[str, Any]
     expires: float | None
     """The token's ``exp`` (Unix seconds): the connection is closed 1008 then. None: no token, or no expiry."""
-    extensions: tuple[Extension, ...]
-    """wsproto's extensions for this connection: permessage-deflate if agreed, then the size limit."""
+    deflate: BoundedDeflate | None
+    """permessage-deflate, if agreed (its inbound state is the connection's from now on)."""
     deflate_bits: int | None
     max_message_size: int
     response: bytes
@@ -788,13 +843,13 @@ class Gatekeeper:
         self.http_routes = http_routes
         self.verifier = verifier
 
-    def decide(self, request: h11.Request, from_address: int, open_connections: int) -> Decision:
+    def decide(self, request: RequestHead, from_address: int, open_connections: int) -> Decision:
         """What to do with ``request``; ``from_address`` counts the sockets its client's address has
         open (this one included), ``open_connections`` the open WebSocket connections."""
         cfg = self.config
         headers: dict[bytes, bytes] = {}
         head_size = len(request.target)
-        raw_items = request.headers.raw_items()  # a list: iterating h11's Headers itself is slow
+        raw_items = request.headers
         for raw_name, value in raw_items:
             name = raw_name.lower()
             headers[name] = headers[name] + b", " + value if name in headers else value
@@ -968,19 +1023,17 @@ class Gatekeeper:
             "Connection: Upgrade",
             f"Sec-WebSocket-Accept: {generate_accept_token(key).decode()}",
         ]
-        extensions: list[Extension] = []
+        deflate_ext = None
         deflate_bits = None
         offers = headers.get(b"sec-websocket-extensions")
         if cfg.compression and offers:
             negotiated = negotiate_deflate(offers.decode("latin-1").split(","), max_size)
             if negotiated is not None:
                 deflate_ext, accept_header = negotiated
-                extensions.append(deflate_ext)
                 deflate_bits = deflate_ext.server_max_window_bits
                 response.append(f"Sec-WebSocket-Extensions: {accept_header}")
-        extensions.append(SizeLimit(max_size))
         return Upgrade(
-            match.endpoint, match.params, query, user, claims, expires, tuple(extensions), deflate_bits, max_size,
+            match.endpoint, match.params, query, user, claims, expires, deflate_ext, deflate_bits, max_size,
             ("\r\n".join(response) + "\r\n\r\n").encode("latin-1"),
         )
 
@@ -993,7 +1046,6 @@ class Gatekeeper:
 class TimerKind(enum.Enum):
     """What a timer does when it fires, and what its target is."""
 
-    HANDSHAKE = "handshake"  # a connection id: the HTTP request is late, drop the socket
     PING = "ping"  # a connection id: send a keepalive ping
     PONG_DUE = "pong due"  # a connection id (and the ping's number): no pong yet, close 1011
     CLOSE = "close"  # a connection id: the peer's close frame is late, drop the socket
@@ -1122,7 +1174,6 @@ class Connection:
         "_bucket",
         "_config",
         "_deflate",
-        "_extensions",
         "_fast",
         "_http",
         "_inbox",
@@ -1131,6 +1182,7 @@ class Connection:
         "_outbox",
         "_parts",
         "_server",
+        "_upgraded",
         "_ws",
         "address",
         "backlogged",
@@ -1177,11 +1229,9 @@ class Connection:
         self._server = server
         self._outbox = outbox
         self._config = config
-        self._http: h11.Connection | None = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=config.max_header_bytes
-        )
+        self._http: h11.Connection | None = None  # made only for a request the fast path leaves to it
         self._ws: WSConnection | None = None  # wsproto, made when first needed (see ``_engine``)
-        self._extensions: tuple[Extension, ...] | None = None  # wsproto's, once a WebSocket
+        self._upgraded = False  # a WebSocket (its engine may not be made yet)
         self._deflate: BoundedDeflate | None = None  # permessage-deflate, if agreed
         self._limit = 0  # bytes per message
         self._fast = False  # the receive fast path reads the stream (until its first odd frame)
@@ -1301,11 +1351,24 @@ class Connection:
 
     # -- for the server: the protocol engines ---------------------------------
 
-    def read_request(self, data: bytes) -> h11.Request | Refuse | None:
+    def read_request(self, data: bytes) -> RequestHead | Refuse | None:
         """Handshake bytes in; the complete request once it is here (None until then), or the
-        refusal a malformed one gets."""
+        refusal a malformed one gets. A complete, ordinary head is parsed here (``parse_head``);
+        anything else, and a head that never completes, goes to h11 (made only then)."""
         http = self._http
-        assert http is not None
+        if http is None:
+            head = self._inbox + data if self._inbox else data
+            end = head.find(b"\r\n\r\n")
+            if end < 0 and len(head) <= self._config.max_header_bytes:
+                self._inbox = head
+                return None  # more to come
+            parsed = parse_head(head[:end]) if end >= 0 else None
+            if parsed is not None:
+                self._inbox = head[end + 4 :]  # the trailing bytes: frames sent before our 101
+                return parsed
+            self._inbox = b""
+            data = head
+            http = self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
         try:
             http.receive_data(data)
             event = http.next_event()
@@ -1315,12 +1378,13 @@ class Connection:
             return None
         if not isinstance(event, h11.Request):
             return Refuse(400, "bad request")
-        return event
+        self._inbox = http.trailing_data[0]
+        return RequestHead(event.method, event.target, event.headers.raw_items())
 
     @property
     def trailing(self) -> bytes:
         """What the client sent after its request (its first frames, if it did not wait for our 101)."""
-        return self._http.trailing_data[0] if self._http is not None else b""
+        return b"" if self._upgraded else self._inbox
 
     def open(self, upgrade: Upgrade) -> None:
         """Become a WebSocket as ``upgrade`` decided: the 101 goes out first."""
@@ -1333,10 +1397,11 @@ class Connection:
         self.queue(upgrade.response)
         self.status = 101
         self._http = None
-        self._extensions = upgrade.extensions
+        self._upgraded = True
         self._limit = upgrade.max_message_size
-        self._deflate = next((e for e in upgrade.extensions if isinstance(e, BoundedDeflate)), None)
+        self._deflate = upgrade.deflate
         self._fast = self._server.fast_path
+        self._inbox, self._at = b"", 0  # the trailing bytes are fed to read_frames by the server
         self.state = State.OPEN
 
     def answer(self, status: int, response: bytes) -> None:
@@ -1350,8 +1415,10 @@ class Connection:
         at a frame boundary, no message in progress (the fast path takes whole messages only)."""
         ws = self._ws
         if ws is None:
-            assert self._extensions is not None
-            ws = self._ws = WSConnection(ConnectionType.SERVER, list(self._extensions))
+            assert self._upgraded
+            extensions: list[Extension] = [self._deflate] if self._deflate is not None else []
+            extensions.append(SizeLimit(self._limit))  # after inflating: it counts what the message grew to
+            ws = self._ws = WSConnection(ConnectionType.SERVER, extensions)
         return ws
 
     def feed(self, data: bytes) -> None:
@@ -1418,7 +1485,14 @@ class Connection:
             if pos + 2 > end or self.state is closed:
                 break
             b0 = buf[pos]
-            n = buf[pos + 1] & 0x7F
+            b1 = buf[pos + 1]
+            n = b1 & 0x7F
+            # judged from the first two bytes, as wsproto does: unmasked, not a kind this path takes, a control
+            # frame over 125 bytes
+            if b1 < 0x80 or not (
+                b0 in _FAST_DATA or (b0 in _FAST_CONTROL and n < 126) or (b0 in _FAST_DEFLATED and deflate is not None)
+            ):
+                return (yield from self._hand_over(buf, pos, left))
             head = pos + 2
             if n == 126:
                 if pos + 4 > end:
@@ -1430,15 +1504,19 @@ class Connection:
                     break
                 n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                 head = pos + 10
-            if buf[pos + 1] < 0x80 or not (
-                (b0 in _FAST_DATA and n <= limit)
-                or (b0 in _FAST_CONTROL and n < 126)
-                or (b0 in _FAST_DEFLATED and deflate is not None and n <= limit)
-            ):
+            if n > limit:  # wsproto's size limit answers it (1009) as soon as the header is in
                 return (yield from self._hand_over(buf, pos, left))
             stop = head + 4 + n
             if stop > end:
-                if stop - pos > _FAST_PARTIAL:  # a big frame still arriving: wsproto streams it as it comes
+                if (
+                    stop - pos > _FAST_PARTIAL
+                    or b0 & 0x40
+                    or (b0 == 0x81 and not _utf8_so_far(buf, head, end))
+                    or (b0 == 0x82 and not raw)
+                ):
+                    # A big frame still arriving (wsproto streams it as it comes); a compressed one (wsproto
+                    # inflates as it comes, so it can fail a bad one before it is whole); text that is already
+                    # not UTF-8, or binary on a JSON route (wsproto fails those at once, as the RFC asks).
                     return (yield from self._hand_over(buf, pos, left))
                 break
             payload = _unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
@@ -1544,7 +1622,7 @@ class Connection:
         """wsproto's state; a WebSocket whose engine is not made yet is open. None: not a WebSocket."""
         if self._ws is not None:
             return self._ws.state
-        return WSState.OPEN if self._extensions is not None else None
+        return WSState.OPEN if self._upgraded else None
 
     def send_frame(self, event: Any) -> None:
         """Queue the frame for ``event``: a pong or a ping (encoded here, as wsproto would: control
@@ -1570,7 +1648,7 @@ class Connection:
         self.backlogged = False
         self._ws = None
         self._http = None
-        self._extensions = None
+        self._upgraded = False
         self._deflate = None
         self._inbox, self._at = b"", 0
         self._parts = []
@@ -2158,6 +2236,9 @@ class Server:
         self._effects: list[Effect] = []
         self._presence_dirty = False
         self._addresses: dict[Any, int] = {}  # client address -> its sockets still open (handshakes included)
+        # Connections still in their handshake, with their deadlines: oldest first, as every one gets the same
+        # timeout (a dict, not a timer each: the entry goes as soon as the handshake ends, and costs less)
+        self._handshaking: dict[Connection, float] = {}
         self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
         self._ids = IdClock(config.node)
         self._next_id = 1
@@ -2173,7 +2254,7 @@ class Server:
         self.connections[conn.id] = conn
         addresses = self._addresses
         addresses[conn.address] = addresses.get(conn.address, 0) + 1
-        self._timers.schedule(now + self.config.handshake_timeout, TimerKind.HANDSHAKE, conn.id)
+        self._handshaking[conn] = now + self.config.handshake_timeout
         return conn
 
     def receive(self, conn: Connection, data: bytes, now: float) -> None:
@@ -2206,8 +2287,15 @@ class Server:
         self._settle()
 
     def tick(self, now: float) -> float | None:
-        """Run every timer that is due; return when the next one is (None: no timers)."""
+        """Run every timer that is due, and drop the handshakes that ran out of time; return when the
+        next deadline is (None: none)."""
         self._now = now
+        handshaking = self._handshaking
+        while handshaking:
+            conn, deadline = next(iter(handshaking.items()))
+            if deadline > now:
+                break
+            self.abort(conn)  # it never finished its request (and abort takes it off the list)
         timers = self._timers
         while (due := timers.pop_due(now)) is not None:
             kind, target, seq = due
@@ -2216,7 +2304,7 @@ class Server:
             except Exception as exc:  # one timer's failure must not cost the others
                 self._contain("timer", self.connections.get(target) if isinstance(target, int) else None, exc)
         self._settle()
-        return timers.next_deadline
+        return self.next_deadline
 
     def pending(self) -> list[Connection]:
         """Connections that gained output or closed since the last call.
@@ -2272,7 +2360,12 @@ class Server:
     @property
     def next_deadline(self) -> float | None:
         """When ``tick`` next has work to do (None: no timer is set)."""
-        return self._timers.next_deadline
+        deadline = self._timers.next_deadline
+        if self._handshaking:
+            first = next(iter(self._handshaking.values()))
+            if deadline is None or first < deadline:
+                return first
+        return deadline
 
     @property
     def now(self) -> float:
@@ -2481,6 +2574,7 @@ class Server:
     def _accept(self, conn: Connection, upgrade: Upgrade, trailing: bytes) -> None:
         cfg = self.config
         conn.open(upgrade)
+        self._handshaking.pop(conn, None)
         self.open_count += 1
         if upgrade.expires is not None:
             self._timers.schedule(upgrade.expires, TimerKind.TOKEN_EXPIRY, conn.id)
@@ -2646,6 +2740,7 @@ class Server:
                 addresses.pop(conn.address, None)
         conn.finish()
         self.connections.pop(conn.id, None)
+        self._handshaking.pop(conn, None)
 
     def _settle(self) -> None:
         """After each input: fail the slow consumers it produced."""
@@ -2674,10 +2769,7 @@ class Server:
         conn = self.connections.get(target)
         if conn is None:
             return  # closed since: nothing to do
-        if kind is TimerKind.HANDSHAKE:
-            if conn.state is State.HANDSHAKE:
-                self.abort(conn)
-        elif kind is TimerKind.CLOSE:
+        if kind is TimerKind.CLOSE:
             if conn.state is State.CLOSING:
                 self._closed(conn)
         elif kind is TimerKind.PING:

@@ -23,14 +23,17 @@ LIMITS = {"max_message_size": 1000, "max_echo_message_size": 1000, "max_buffer":
 OFFER = "permessage-deflate; client_max_window_bits"
 
 
-def run(data: bytes, cuts: list[int], fast: bool) -> tuple[bytes, int | None, bool]:
+def run(data: bytes, cuts: list[int], fast: bool) -> tuple[list[bytes], int | None, bool]:
     """Feed ``data`` in the pieces ``cuts`` make (resuming a backlogged connection as a shell does),
-    then EOF; what the server wrote, the close code, and whether it ever took wsproto's path."""
+    then EOF; what the server had written after each piece (so the paths must agree on when, not
+    only on what: a text frame that is not UTF-8 fails as its bad byte arrives), the close code,
+    and whether it ever took wsproto's path."""
     config = core.Config(**LIMITS)  # type: ignore[arg-type]
     server = core.Server(build_router(config), config, fast_path=fast)
     now = 1_700_000_000.0
     conn = server.connect(peer=("10.0.0.1", 4000), now=now)
     output = b""
+    steps = []
     points = sorted({min(c, len(data)) for c in cuts})
     for start, end in zip([0, *points], [*points, len(data)], strict=True):
         if end <= start:
@@ -41,10 +44,12 @@ def run(data: bytes, cuts: list[int], fast: bool) -> tuple[bytes, int | None, bo
             server.resume(conn, now)
         server.pending()
         output += conn.data_to_send()
+        steps.append(output)
     server.receive(conn, b"", now)
     server.pending()
     output += conn.data_to_send()
-    return output, conn.close_code, conn._ws is not None
+    steps.append(output)
+    return steps, conn.close_code, conn._ws is not None
 
 
 def frames_of(output: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
@@ -65,8 +70,8 @@ def frames_of(output: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
     return head, out
 
 
-def assert_same(fast: tuple[bytes, int | None, bool], slow: tuple[bytes, int | None, bool]) -> None:
-    assert frames_of(fast[0]) == frames_of(slow[0])
+def assert_same(fast: tuple[list[bytes], int | None, bool], slow: tuple[list[bytes], int | None, bool]) -> None:
+    assert [frames_of(step) for step in fast[0]] == [frames_of(step) for step in slow[0]]
     assert fast[1] == slow[1]
 
 
@@ -135,7 +140,62 @@ def test_the_common_frames_never_wake_wsproto() -> None:
     """A session of pipelined messages, pings and pongs, cut anywhere: wsproto is never even made."""
     body = b"".join(frame(b"message %d" % i) for i in range(40))
     data = upgrade_request("/echo") + body + frame(b"1", opcode=0x9) + frame(b"1", opcode=0xA)
-    output, code, used_wsproto = run(data, [70, 71, 300, 301, 999], fast=True)
+    steps, code, used_wsproto = run(data, [70, 71, 300, 301, 999], fast=True)
     assert not used_wsproto and code == 1006  # the EOF
-    _, sent = frames_of(output)
+    _, sent = frames_of(steps[-1])
     assert sent == [(0x81, b"message %d" % i) for i in range(40)] + [(0x8A, b"1")]
+
+
+# -- the request fast path -------------------------------------------------------------------------
+
+NAMES = [b"Host", b"Upgrade", b"Connection", b"Sec-WebSocket-Key", b"Origin", b"X-Odd"]
+VALUES = [b"localhost", b"websocket", b"Upgrade", b" padded ", b"a\tb", b"", b"\x80obs", b"12", b"chunked"]
+header_names = st.one_of(*[st.sampled_from(NAMES)] * 8, st.sampled_from([b"Content-Length", b"Transfer-Encoding"]),
+                         st.binary(min_size=0, max_size=8))
+header_values = st.one_of(*[st.sampled_from(VALUES)] * 4, st.binary(max_size=12))
+separators = st.sampled_from([b": "] * 6 + [b":", b":\t", b" :", b":  "])
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> bytes:
+    """Request heads that are mostly ordinary and often subtly not (h11 is the judge of those)."""
+    method = draw(st.sampled_from([b"GET"] * 6 + [b"HEAD", b"POST", b"G T", b"", b"get"]))
+    target = draw(st.sampled_from([b"/chat?user=a"] * 4 + [b"/", b"/chat/%FE", b"/a b", b"*", b"/\x7f"]))
+    version = draw(st.sampled_from([b"HTTP/1.1"] * 8 + [b"HTTP/1.0", b"HTTP/2.0", b"http/1.1"]))
+    lines = [method + b" " + target + b" " + version]
+    for _ in range(draw(st.integers(0, 6))):
+        lines.append(draw(header_names) + draw(separators) + draw(header_values))
+    eol = draw(st.sampled_from([b"\r\n"] * 20 + [b"\n"]))
+    if draw(st.integers(0, 3)):
+        lines.append(b"Host: localhost")
+    if draw(st.integers(0, 9)) == 0:
+        lines.append(b" folded continuation")
+    return eol.join(lines)
+
+
+def h11_parse(head: bytes) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
+    import h11
+
+    connection = h11.Connection(h11.SERVER)
+    try:
+        connection.receive_data(head + b"\r\n\r\n")
+        event = connection.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request):
+        return None
+    return event.method, event.target, event.headers.raw_items()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(head=heads())
+def test_what_the_request_fast_path_takes_h11_takes_the_same_way(head: bytes) -> None:
+    fast = core.parse_head(head)
+    if fast is not None:
+        assert h11_parse(head) == (fast.method, fast.target, fast.headers)
+
+
+def test_the_request_fast_path_takes_an_ordinary_upgrade() -> None:
+    head = upgrade_request("/chat?user=alice", Origin="http://localhost:8765").split(b"\r\n\r\n")[0]
+    parsed = core.parse_head(head)
+    assert parsed is not None and parsed == core.RequestHead(*h11_parse(head))  # type: ignore[misc]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import h11
 import pytest
 
 from hubbub import core
@@ -15,12 +14,13 @@ from hubbub.handlers import build_router
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
 
-def request(target: str = "/chat", method: str = "GET", **headers: str) -> h11.Request:
+def request(target: str = "/chat", method: str = "GET", **headers: str) -> core.RequestHead:
     fields = {"Host": "localhost:8765", "Upgrade": "websocket", "Connection": "Upgrade",
               "Sec-WebSocket-Key": KEY.decode(), "Sec-WebSocket-Version": "13"}
     for name, value in headers.items():
         fields[name.replace("_", "-")] = value
-    return h11.Request(method=method, target=target, headers=[(k, v) for k, v in fields.items() if v])
+    headers_sent = [(k.encode(), v.encode()) for k, v in fields.items() if v]
+    return core.RequestHead(method.encode(), target.encode(), headers_sent)
 
 
 def gate(verifier: core.Verifier | None = None, **config: object) -> core.Gatekeeper:
@@ -54,7 +54,7 @@ def test_an_upgrade_carries_everything_the_connection_opens_with() -> None:
     ],
     ids=["route", "method", "version", "key", "origin", "room", "user", "per-address", "full"],
 )
-def test_refusals_are_values_with_their_status(req: h11.Request, from_address: int, open_connections: int,
+def test_refusals_are_values_with_their_status(req: core.RequestHead, from_address: int, open_connections: int,
                                                status: int) -> None:
     decision = gate().decide(req, from_address, open_connections)
     assert isinstance(decision, core.Refuse) and decision.status == status, decision

@@ -133,11 +133,14 @@ def test_slowloris_is_dropped_after_the_handshake_timeout(server: RunningServer,
 
 
 def open_at_once(port: int, count: int) -> list[socket.socket]:
-    """``count`` TCP connections started together (non-blocking connects), returned once all are up."""
+    """``count`` TCP connections started together (non-blocking connects), returned once all are up.
+    They come from 127.0.0.2 (loopback too): the clients that must still be served meanwhile come from
+    127.0.0.1, an address of their own, as they would in the wild (--max-connections-per-address)."""
     socks = []
     with selectors.DefaultSelector() as selector:
         for _ in range(count):
             sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
             sock.setblocking(False)
             sock.connect_ex(("127.0.0.1", port))
             selector.register(sock, selectors.EVENT_WRITE)
