@@ -1217,7 +1217,7 @@ class Connection:
         self.claims: Mapping[str, Any] = {}
         self.endpoint: Endpoint | None = None
         self.rooms: list[Room] = []  # the rooms it is in, in the order it joined (Rooms keeps this list)
-        self.outbound: list[bytes] = []
+        self.outbound: list[bytes] | tuple[()] = ()  # what is queued (a list while something is): see append
         self.outbound_size = 0
         self.reply_size = 0  # queued bytes of replies the client asked for (see ``reply``)
         self.status: int | None = None  # the HTTP status we answered: 101, or why we refused
@@ -1237,10 +1237,11 @@ class Connection:
         self._fast = False  # the receive fast path reads the stream (until its first odd frame)
         self._inbox = b""  # what the fast path has not read yet, from ``_at`` on
         self._at = 0
-        self._parts: list[str | bytes] = []
+        self._parts: list[str | bytes] | tuple[()] = ()  # a fragmented message's parts (a list once it has some)
         self._binary = False
-        self._bucket = RateBucket(config.rate_limit, now) if config.rate_limit > 0 else None
-        self._keepalive = Keepalive()
+        # made when first needed (the first message, the first ping): an idle connection costs less without them
+        self._bucket: RateBucket | None = None
+        self._keepalive: Keepalive | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.state.value} user={self.user!r} peer={self.peer!r}>"
@@ -1258,7 +1259,7 @@ class Connection:
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
+        self.outbound = ()  # an idle connection holds no list (10,000 of them: half a megabyte)
         self.outbound_size = 0
         self.reply_size = 0
         self._server.metrics.bytes_out += len(data)
@@ -1455,7 +1456,7 @@ class Connection:
                 if self.ws_open and self._admit(False):
                     self.send_frame(Pong(event.payload))
             elif isinstance(event, Pong):
-                if self._admit(False):
+                if self._admit(False) and self._keepalive is not None:
                     self._keepalive.pong(event.payload)
             elif isinstance(event, CloseConnection):
                 yield event
@@ -1481,6 +1482,7 @@ class Connection:
         deflate = self._deflate
         closed, open_ = State.CLOSED, State.OPEN
         raw = self.endpoint is not None and self.endpoint.on_raw is not None
+        unlimited = self._config.rate_limit <= 0
         while True:
             if pos + 2 > end or self.state is closed:
                 break
@@ -1544,14 +1546,14 @@ class Connection:
                 if b0 == 0x89:
                     if self.ws_open and self._admit(False):
                         self.queue(encode_frame(0xA, payload))
-                elif self._admit(False):
+                elif self._admit(False) and self._keepalive is not None:
                     self._keepalive.pong(payload)
             elif self.state is open_:
                 if not raw and type(message) is bytes:
                     self._server.send_close(
                         self, CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route"
                     )
-                elif self._bucket is None or self._admit(True):
+                elif unlimited or self._admit(True):
                     yield message
             left -= 1
             if left == 0:
@@ -1582,11 +1584,14 @@ class Connection:
             return None
         if isinstance(event, BytesMessage):
             self._binary = True
-        self._parts.append(event.data)
+        if self._parts:
+            self._parts.append(event.data)  # type: ignore[union-attr]
+        else:
+            self._parts = [event.data]
         if not event.message_finished:
             return None
         parts = self._parts
-        self._parts = []
+        self._parts = ()
         message: str | bytes
         if self._binary:
             self._binary = False
@@ -1602,7 +1607,10 @@ class Connection:
         fragment just costs its token); debt past one second's worth closes 1008."""
         bucket = self._bucket
         if bucket is None:
-            return True
+            rate = self._config.rate_limit
+            if rate <= 0:
+                return True
+            bucket = self._bucket = RateBucket(rate, self._server.now)  # full, as if made at the connect
         tokens = bucket.take(self._server.now)
         if tokens >= 0:
             return True
@@ -1636,11 +1644,14 @@ class Connection:
 
     def ping(self) -> int:
         """Queue a keepalive ping; returns its number, for ``pong_late``."""
-        self.send_frame(Ping(self._keepalive.ping()))
-        return self._keepalive.seq
+        keepalive = self._keepalive
+        if keepalive is None:
+            keepalive = self._keepalive = Keepalive()
+        self.send_frame(Ping(keepalive.ping()))
+        return keepalive.seq
 
     def pong_late(self, seq: int) -> bool:
-        return self._keepalive.late(seq)
+        return self._keepalive is not None and self._keepalive.late(seq)
 
     def finish(self) -> None:
         """The protocol is over: drop the engines and any half-received message."""
@@ -1651,17 +1662,14 @@ class Connection:
         self._upgraded = False
         self._deflate = None
         self._inbox, self._at = b"", 0
-        self._parts = []
+        self._parts = ()
         self._outbox.pending[self] = None
 
     def drop_output(self) -> None:
         """Forget what the client has not taken, but an unsent HTTP answer: it gets its 101 before
         our close, never a bare close frame."""
         out = self.outbound
-        head = out[0] if out and out[0].startswith(b"HTTP/") else None
-        out.clear()
-        if head is not None:
-            out.append(head)
+        self.outbound = [out[0]] if out and out[0].startswith(b"HTTP/") else ()
         self.outbound_size = self.reply_size = 0
 
     def queue(self, data: bytes) -> None:
@@ -1677,7 +1685,10 @@ class Connection:
         if data:
             for room in self.rooms:
                 room.detach_if_batching(self)
-            self.outbound.append(bytes(data))
+            if self.outbound:
+                self.outbound.append(bytes(data))  # type: ignore[union-attr]
+            else:
+                self.outbound = [bytes(data)]
             self.reply_size += len(data)
             outbox = self._outbox
             outbox.pending[self] = None
@@ -1687,7 +1698,10 @@ class Connection:
     def append(self, data: bytes) -> None:
         """Queue bytes as they are (a room's frames, shared bytes the shell could not write), counted
         against ``max_buffer``."""
-        self.outbound.append(data)
+        if self.outbound:
+            self.outbound.append(data)  # type: ignore[union-attr]
+        else:
+            self.outbound = [data]
         self.outbound_size += len(data)
         outbox = self._outbox
         outbox.pending[self] = None

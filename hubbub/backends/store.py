@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import re
-import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -429,9 +428,11 @@ class SQLiteStore(_SQLStore):
     def __init__(self, path: str, *, retention: Retention = UNLIMITED) -> None:
         super().__init__(retention)
         self.path = path
-        self._db: sqlite3.Connection | None = None
+        self._db: Any = None  # a sqlite3.Connection, opened on first use
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> Any:
+        import sqlite3  # here, not at the top: a server on another store never loads it (about 1.4 MB)
+
         if self._db is None:
             try:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
@@ -456,6 +457,8 @@ class SQLiteStore(_SQLStore):
         return self._db
 
     def _run(self, fn: Callable[[Any], T]) -> T:
+        import sqlite3
+
         db = self._connect()
         try:
             db.execute("BEGIN")
