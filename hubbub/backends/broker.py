@@ -63,6 +63,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _presence_of_room(users: Any) -> bool:
+    """One room's presence in a heartbeat: a list of user names, or user name -> that user's metas
+    (objects), one per connection."""
+    if isinstance(users, list):
+        return all(isinstance(user, str) for user in users)
+    return isinstance(users, dict) and all(
+        isinstance(metas, list) and all(isinstance(meta, dict) for meta in metas) for metas in users.values()
+    )
+
+
 def _decode(data: bytes | str) -> dict[str, Any]:
     """A received envelope, strict JSON checked field by field (see the module's docstring);
     ValueError (or RecursionError, for absurdly nested JSON) says what is wrong with it."""
@@ -85,11 +95,8 @@ def _decode(data: bytes | str) -> dict[str, Any]:
             raise ValueError("m is not an object")
     elif "p" in envelope:
         rooms = envelope["p"]
-        if rooms is not None and not (
-            isinstance(rooms, dict)
-            and all(isinstance(users, list) and all(isinstance(u, str) for u in users) for users in rooms.values())
-        ):
-            raise ValueError("p is neither null nor an object of lists of user names")
+        if rooms is not None and not (isinstance(rooms, dict) and all(map(_presence_of_room, rooms.values()))):
+            raise ValueError("p is neither null nor an object of rooms' presence")
     elif "s" in envelope:
         marks = envelope["s"]
         if not (isinstance(marks, dict) and all(_is_int(seq) for seq in marks.values())):
