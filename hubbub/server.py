@@ -349,6 +349,7 @@ class Backends:
         self.broker = broker
         self.failures = 0  # effects whose execution raised (contained, logged)
         self._wake = wake
+        self._remote: list[tuple[str, Any, None]] = []  # other instances' messages of this pass, for our store
         self.writer = StoreWorker(
             store,
             on_stored=self._on_stored,
@@ -439,10 +440,18 @@ class Backends:
     # -- the broker's Sink ----------------------------------------------------------------
 
     def on_message(self, room: str, message: Any, node: str) -> None:
-        """A chat message another instance published."""
+        """A chat message another instance published: delivered now (into its room's batch of this pass,
+        encoded once), kept with the pass's others (``store_remote``)."""
         if self.server.deliver(room, message, node) is not None and not self.store.shared:
-            self.writer.write(room, message, None)  # our own history holds the other instances' messages too
+            self._remote.append((room, message, None))  # our own history holds the other instances' messages too
         self._wake()
+
+    def store_remote(self) -> None:
+        """Once per loop pass, before its effects: the other instances' messages it delivered go to the
+        store as one batch (a history read of the same pass sees them)."""
+        if self._remote:
+            items, self._remote = self._remote, []
+            self._store(items)
 
     def on_presence(self, node: str, rooms: Any) -> None:
         self.server.remote_presence(node, rooms, time.time())
@@ -633,9 +642,11 @@ class Shell:
         (it was queued before its rooms' broadcasts of this pass), then each room's broadcasts
         as one bytes object, the same for every member: one write per connection per room."""
         server = self.server
+        backends = self.backends
+        backends.store_remote()
         effects = server.effects()
         if effects:
-            self.backends.carry_out(effects)
+            backends.carry_out(effects)
         shared = server.take_shared()
         self._write_pending()
         for data, members in shared:
