@@ -39,9 +39,11 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -100,6 +102,184 @@ def log_end(conn: core.Connection) -> None:
         )
     else:
         log.debug("conn %d %s: closed", conn.id, conn.peer)
+
+
+# -- TLS: one layer for both backends ---------------------------------------------------
+
+
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 49\r\n"
+    b"Connection: close\r\n\r\nThis port speaks TLS: use https:// or wss:// here.\n"
+)
+"""What a plain HTTP request on the TLS port gets (as nginx does): a real answer, not a reset."""
+
+
+class TLSError(Exception):
+    """A TLS handshake failed; ``reason`` is the counter it goes to (see ``TLS.failures``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _load_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context with the ssl module's secure defaults, TLS 1.2 at least, no renegotiation, ALPN
+    ``http/1.1`` (WebSocket upgrades and the plain HTTP routes speak HTTP/1.1). ValueError says which
+    file is wrong and how."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(["http/1.1"])
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{flag} {path}: not readable by this user")
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        why = {"KEY_VALUES_MISMATCH": "the key does not belong to the certificate"}.get(
+            exc.reason or "", "not a PEM certificate chain and private key"
+        )
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: {why} ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: {exc}") from None
+    return context
+
+
+def _not_after(cert: str) -> float | None:
+    """When the first certificate of ``cert`` expires (Unix seconds), or None if it cannot be read."""
+    try:
+        from cryptography import x509
+
+        with open(cert, "rb") as f:
+            return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc.timestamp()
+    except Exception:  # the context loaded it: this figure is only for the log and /metrics
+        return None
+
+
+class TLS:
+    """The server's TLS: its context, reloaded from the same files on SIGHUP (connections already open
+    keep theirs), and what happened at handshakes, for ``/metrics``.
+
+    ``failures`` counts handshakes that never completed, by reason: ``plain_http`` (an HTTP request on
+    the TLS port, answered 400), ``protocol`` (garbage, an unsupported version or cipher, a bad
+    certificate on the client's side), ``timeout`` (no complete handshake and request within
+    ``--handshake-timeout``: the core's handshake timer starts at the TCP accept, so it bounds the TLS
+    handshake too), ``eof`` (the client closed mid-handshake, or before sending anything).
+    """
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.cert, self.key = cert, key
+        self.context = _load_context(cert, key)
+        self.not_after = _not_after(cert)
+        self.handshakes = 0  # completed
+        self.failures = {"plain_http": 0, "protocol": 0, "timeout": 0, "eof": 0}
+        self.record_errors = 0  # connections whose TLS broke after the handshake (a bad record, say)
+        self.reloads = 0
+        self.reload_failures = 0
+        self.loaded_at = time.time()
+        self._warn_expiry()
+
+    def session(self) -> TLSSession:
+        return TLSSession(self.context)
+
+    def reload(self) -> bool:
+        """Load the files again (SIGHUP); on failure keep serving with the old context."""
+        try:
+            context = _load_context(self.cert, self.key)
+        except ValueError as exc:
+            self.reload_failures += 1
+            log.error("TLS: reload failed, still serving the previous certificate: %s", exc)
+            return False
+        self.context = context
+        self.not_after = _not_after(self.cert)
+        self.reloads += 1
+        self.loaded_at = time.time()
+        log.warning("TLS: reloaded %s and %s; connections already open keep their session", self.cert, self.key)
+        self._warn_expiry()
+        return True
+
+    def failed(self, exc: TLSError, peer: Any) -> None:
+        self.failures[exc.reason] += 1
+        log.info("TLS handshake with %s failed (%s): %s", peer, exc.reason, exc)
+
+    def _warn_expiry(self) -> None:
+        if self.not_after is None:
+            return
+        days = (self.not_after - time.time()) / 86400
+        if days < 0:
+            log.error("TLS: the certificate %s expired %.0f days ago", self.cert, -days)
+        elif days < 14:
+            log.warning("TLS: the certificate %s expires in %.1f days", self.cert, days)
+
+
+class TLSSession:
+    """One connection's TLS, on memory buffers (``ssl.SSLObject``): ciphertext from the socket in,
+    plaintext for the core out, and back. No socket of its own, so both backends' links use it the
+    same way, and their write paths (high-water marks, ``SO_SNDBUF``, drain tasks) see ciphertext only."""
+
+    __slots__ = ("_in", "_out", "closed", "obj", "ready")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self._in, self._out, server_side=True)
+        self.ready = False  # the handshake is done
+        self.closed = False  # the peer sent close_notify, or the session broke
+
+    def receive(self, data: bytes) -> bytes:
+        """Ciphertext in; the plaintext it completes out (b"" while the handshake runs, or when the
+        peer closed: ``closed`` says which). TLSError when the handshake fails; ssl.SSLError when an
+        established session breaks. Call ``pending`` after: the handshake has answers to send."""
+        self._in.write(data)
+        obj = self.obj
+        if not self.ready:
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            except ssl.SSLError as exc:
+                if exc.reason == "HTTP_REQUEST":
+                    raise TLSError("plain_http", "a plain HTTP request on the TLS port") from None
+                if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                    raise TLSError("eof", "closed during the handshake") from None
+                raise TLSError("protocol", exc.reason or str(exc)) from None
+            self.ready = True
+        chunks = []
+        while True:
+            try:
+                chunk = obj.read(RECV_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.closed = True
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def pending(self) -> bytes:
+        """Ciphertext the session wants sent (handshake messages, session tickets, alerts)."""
+        return self._out.read()
+
+    def encrypt(self, data: bytes) -> bytes:
+        """Plaintext from the core as ciphertext for the socket."""
+        try:
+            self.obj.write(data)
+        except ssl.SSLError:  # the session broke (or was closed): nothing more can go out
+            self.closed = True
+        return self._out.read()
+
+    def close_notify(self) -> bytes:
+        """Our side's close_notify alert (after the close frame), if the session is up."""
+        if self.ready and not self.closed:
+            try:
+                self.obj.unwrap()
+            except ssl.SSLError:  # SSLWantReadError: the peer's alert has not come; ours is written all the same
+                pass
+        return self._out.read()
 
 
 # -- connections: one link per socket, asyncio or trio ---------------------------------
@@ -187,10 +367,94 @@ class TransportLink(asyncio.Protocol):
         if data:
             transport.write(data)
         if transport.can_write_eof():
-            transport.write_eof()
-            self._linger = asyncio.get_running_loop().call_later(LINGER, transport.abort)
+            self._half_close()
         else:
             transport.close()
+
+    def _half_close(self) -> None:
+        """FIN after what is written, then linger; a peer already gone (reset) is simply dropped."""
+        transport = self.transport
+        try:
+            transport.write_eof()
+        except OSError:  # ENOTCONN: the peer reset the connection before our FIN
+            transport.abort()
+            return
+        self._linger = asyncio.get_running_loop().call_later(LINGER, transport.abort)
+
+
+class TLSTransportLink(TransportLink):
+    """A ``TransportLink`` for a TLS port: the same Protocol on the raw TCP transport, with a
+    ``TLSSession`` between it and the core. The transport's high-water mark and ``SO_SNDBUF`` count
+    ciphertext; ``--max-buffer`` counts what the core queued, as without TLS. The core is told of the
+    connection at the TCP accept, so its handshake timer bounds the TLS handshake and the HTTP request
+    together (``finish`` counts the ones that never finished the TLS part)."""
+
+    __slots__ = ("_counted", "stats", "tls")
+
+    def __init__(self, shell: Shell, tls: TLS) -> None:
+        super().__init__(shell)
+        self.stats = tls
+        self.tls = tls.session()
+        self._counted = False  # this connection's handshake outcome is counted
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.send = self._send_encrypted
+
+    def _send_encrypted(self, data: bytes) -> None:
+        self.transport.write(self.tls.encrypt(data))
+
+    def data_received(self, data: bytes) -> None:
+        tls = self.tls
+        ready = tls.ready
+        try:
+            plain = tls.receive(data)
+        except TLSError as exc:
+            self._handshake_failed(exc)
+            return
+        except ssl.SSLError:  # an established session broke: the peer is gone for us
+            self.stats.record_errors += 1
+            tls.closed, plain = True, b""
+        out = tls.pending()
+        if out:
+            self.transport.write(out)
+        if tls.ready and not ready:
+            self._counted = True
+            self.stats.handshakes += 1
+        if plain:
+            TransportLink.data_received(self, plain)
+        if tls.closed and not self.conn.closed:
+            TransportLink.eof_received(self)
+
+    def _handshake_failed(self, exc: TLSError) -> None:
+        """Count it, answer a plain HTTP request with a 400, and drop the socket."""
+        self._counted = True
+        self.stats.failed(exc, self.conn.peer)
+        transport = self.transport
+        if exc.reason == "plain_http":
+            transport.write(PLAIN_HTTP_ANSWER)
+        transport.close()  # what is buffered (the answer) goes out first
+        TransportLink.eof_received(self)  # the core forgets the connection
+
+    def eof_received(self) -> bool:
+        if not self.tls.ready and not self._counted:
+            self._counted = True
+            self.stats.failures["eof"] += 1
+        return TransportLink.eof_received(self)
+
+    def finish(self) -> None:
+        transport = self.transport
+        if transport.is_closing() or self._linger is not None:
+            return
+        if not self.tls.ready:  # never got past TLS: the core gave up on it (the handshake timeout)
+            if not self._counted and not self.shell.stopping:
+                self._counted = True
+                self.stats.failures["timeout"] += 1
+            transport.abort()
+            return
+        data = self.conn.data_to_send()
+        transport.write((self.tls.encrypt(data) if data else b"") + self.tls.close_notify())
+        self._half_close()
 
 
 class SocketLink:
@@ -198,11 +462,15 @@ class SocketLink:
     socket (``run``) and non-blocking sends; only while the kernel buffer is full does a drain task
     wait to write. It mirrors ``TransportLink``: the same core calls, in a task of its own."""
 
-    __slots__ = ("conn", "drain", "scope", "shell", "sock", "unsent")
+    __slots__ = ("_counted", "conn", "drain", "scope", "shell", "sock", "stats", "tls", "unsent")
 
-    def __init__(self, shell: Shell, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, shell: Shell, sock: socket.socket, peer: Any, tls: TLS | None = None) -> None:
         self.shell = shell
         self.sock = sock
+        # on a TLS port, a TLSSession between the socket and the core (as in TLSTransportLink)
+        self.stats = tls
+        self.tls = tls.session() if tls is not None else None
+        self._counted = False  # this connection's TLS handshake outcome is counted
         self.conn = conn = shell.server.connect(peer, time.time())
         conn.shell = self
         shell.links[conn] = self
@@ -229,6 +497,10 @@ class SocketLink:
                         continue
                     except OSError:
                         data = b""
+                    if self.tls is not None:
+                        data = self._decrypt(data)
+                        if data is None:
+                            continue  # the TLS handshake goes on (or failed, and the core was told)
                     server.receive(conn, data, time.time())
                     shell.after_input()
                     while conn.backlogged:  # its budget is spent: let every other task run first
@@ -244,7 +516,45 @@ class SocketLink:
             sock.close()
             log_end(conn)
 
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """Ciphertext (b"": the peer closed TCP) as plaintext for the core (b"": the connection is over),
+        or None when there is nothing for the core yet."""
+        tls, stats = self.tls, self.stats
+        assert tls is not None and stats is not None
+        if not data:
+            if not tls.ready and not self._counted:
+                self._counted = True
+                stats.failures["eof"] += 1
+            return b""
+        ready = tls.ready
+        try:
+            plain = tls.receive(data)
+        except TLSError as exc:
+            self._counted = True
+            stats.failed(exc, self.conn.peer)
+            if exc.reason == "plain_http":
+                self._send_raw(PLAIN_HTTP_ANSWER)
+            return b""
+        except ssl.SSLError:
+            stats.record_errors += 1
+            return b""
+        out = tls.pending()
+        if out:
+            self._send_raw(out)
+        if tls.ready and not ready:
+            self._counted = True
+            stats.handshakes += 1
+        if tls.closed:
+            return b""
+        return plain or None
+
     def send(self, data: bytes) -> None:
+        self._send_raw(self.tls.encrypt(data) if self.tls is not None else data)
+
+    def _send_raw(self, data: bytes) -> None:
+        if self.drain is not None:  # the drain task owns the socket's writes: behind what it holds
+            self.unsent += data
+            return
         try:
             sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -257,7 +567,15 @@ class SocketLink:
             self.shell.start_soon(self._drain)
 
     def finish(self) -> None:
+        tls = self.tls
+        if tls is not None and not tls.ready and not self._counted and not self.shell.stopping:
+            self._counted = True  # never got past TLS: the core gave up on it (the handshake timeout)
+            self.stats.failures["timeout"] += 1
         self.scope.cancel()  # the connection's task writes the rest and closes
+
+    def _wire(self, data: bytes) -> bytes:
+        """What the core queued, as it goes on the socket (encrypted on a TLS port)."""
+        return self.tls.encrypt(data) if self.tls is not None and data else data
 
     async def _drain(self) -> None:
         """A slow reader: wait for room in its socket, then keep pulling from the core."""
@@ -274,7 +592,7 @@ class SocketLink:
                         continue
                     self.unsent = self.unsent[sent:]
                     if not self.unsent:
-                        self.unsent = conn.data_to_send()
+                        self.unsent = self._wire(conn.data_to_send())
         except (OSError, anyio.ClosedResourceError):
             pass  # the connection's own task sees the socket fail and closes it
         finally:
@@ -287,7 +605,9 @@ class SocketLink:
             self.drain.cancel()
             while self.drain is not None:
                 await anyio.sleep(0)
-        data = self.unsent + self.conn.data_to_send()
+        data = self.unsent + self._wire(self.conn.data_to_send())
+        if self.tls is not None:
+            data += self.tls.close_notify() if self.tls.ready else b""
         self.unsent = b""
         with anyio.move_on_after(LINGER):
             async with anyio.create_task_group() as tg:
@@ -493,8 +813,11 @@ class Shell:
         store: Store | None = None,
         broker: MemoryBroker | PubSubBroker | None = None,
         metrics: Any = None,
+        tls: TLS | None = None,
     ) -> None:
         self.server = server
+        self.tls = tls  # the main listener's TLS (None: plain); SIGHUP reloads its certificate
+        self.stopping = False
         self.backends = Backends(
             server,
             store if store is not None else MemoryStore(),
@@ -511,34 +834,49 @@ class Shell:
         self._timer_wake = anyio.Event()
         self._timer_at = float("inf")
         self._tg: TaskGroup | None = None
-        self.listener: socket.socket | None = None
-        self._asyncio_server: asyncio.AbstractServer | None = None
+        self.listeners: list[socket.socket] = []
+        self._asyncio_servers: list[asyncio.AbstractServer] = []
 
     # -- tasks --------------------------------------------------------------
 
-    async def run(self, listener: socket.socket, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; SIGINT/SIGTERM close every client with 1001 first."""
-        self.listener = listener
+    async def run(
+        self, listener: socket.socket, *, plain: Sequence[socket.socket] = (),
+        task_status: Any = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; SIGINT/SIGTERM close every client with 1001 first. ``listener`` speaks
+        TLS when the shell has it; ``plain`` listeners never do (a private port for metrics, say)."""
+        self.listeners = [listener, *plain]
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            if _on_asyncio():
-                loop = asyncio.get_running_loop()
-                self._flush_soon = loop.call_soon
-                self._asyncio_server = await loop.create_server(lambda: TransportLink(self), sock=listener)
+            on_asyncio = _on_asyncio()
+            if on_asyncio:
+                self._flush_soon = asyncio.get_running_loop().call_soon
             else:
-                tg.start_soon(self._accept_loop, listener)
                 tg.start_soon(self._flusher)
+            for sock in self.listeners:
+                tls = self.tls if sock is listener else None
+                if not on_asyncio:
+                    tg.start_soon(self._accept_loop, sock, tls)
+                    continue
+                factory: Callable[[], asyncio.Protocol]
+                if tls is None:
+                    factory = partial(TransportLink, self)
+                else:
+                    factory = partial(TLSTransportLink, self, tls)
+                self._asyncio_servers.append(await asyncio.get_running_loop().create_server(factory, sock=sock))
             tg.start_soon(self._timers)
             await self.backends.run(tg)
             task_status.started()
 
     async def shutdown(self, grace: float = 2.0) -> None:
         """Stop accepting, close every client with 1001, give them ``grace`` seconds to answer."""
-        if self._asyncio_server is not None:
-            self._asyncio_server.close()
-        elif self.listener is not None:
-            anyio.notify_closing(self.listener)
-            self.listener.close()
+        self.stopping = True
+        for asyncio_server in self._asyncio_servers:
+            asyncio_server.close()
+        if not self._asyncio_servers:
+            for sock in self.listeners:
+                anyio.notify_closing(sock)
+                sock.close()
         self.server.close_all(core.CloseReason.GOING_AWAY, "server shutting down")
         self._flush()
         with anyio.move_on_after(grace):
@@ -556,7 +894,7 @@ class Shell:
         assert self._tg is not None
         self._tg.start_soon(fn, *args)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: socket.socket, tls: TLS | None) -> None:
         while True:
             try:
                 await anyio.wait_readable(listener)
@@ -574,7 +912,7 @@ class Shell:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 _size_send_buffer(sock)
-                self.start_soon(SocketLink(self, sock, peer).run)
+                self.start_soon(SocketLink(self, sock, peer, tls).run)
 
     def after_input(self) -> None:
         """Once per input: queue a flush for this loop pass and re-arm the timer if it moved closer."""
@@ -749,6 +1087,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--jwt-public-key", default=_env("jwt_public_key"), metavar="FILE",
         help="require a JWT signed for this PEM public key (RS256 for RSA, ES256 for EC)",
     )
+    parser.add_argument(
+        "--tls-cert", default=_env("tls_cert"), metavar="FILE",
+        help="serve wss:// and https:// with this PEM certificate chain (the server's certificate first, then "
+        "its intermediates); needs --tls-key. SIGHUP reloads both files without dropping connections",
+    )
+    parser.add_argument("--tls-key", default=_env("tls_key"), metavar="FILE", help="the PEM private key of --tls-cert")
     parser.add_argument("--jwt-audience", default=_env("jwt_audience"), help="required 'aud' claim of tokens")
     parser.add_argument("--jwt-issuer", default=_env("jwt_issuer"), help="required 'iss' claim of tokens")
     skip = {"compression", "allowed_origins", "allowed_hosts", "node", "codec"}
@@ -792,6 +1136,15 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(name.strip().lower() for name in text.split(",") if name.strip())
 
 
+def tls_from(args: argparse.Namespace) -> TLS | None:
+    """The TLS the flags ask for, or None (plain ws:// and http://); ValueError says what is wrong."""
+    if args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    return TLS(args.tls_cert, args.tls_key)
+
+
 def verifier_from(args: argparse.Namespace) -> Any:
     """The JWT verifier the flags ask for, or None (authentication off: ``?user=`` names the user)."""
     if args.jwt_secret is None and args.jwt_public_key is None:
@@ -824,7 +1177,7 @@ async def serve(
         build_router(config), config, http_routes={"/": page.index, "/metrics": metrics.render},
         verifier=verifier_from(args),
     )
-    shell = Shell(server, store, broker, metrics)
+    shell = Shell(server, store, broker, metrics, tls=tls_from(args))
     metrics.attach(shell.backends)
     listener = listen(args.host, args.port)
     host, port = listener.getsockname()[:2]
@@ -833,11 +1186,12 @@ async def serve(
         if handle_signals:
             await tg.start(_on_signals, shell)
         task_status.started((shell, port))
+        scheme = "wss" if shell.tls is not None else "ws"
         log.info(
-            "serving on %s:%d with the %s backend; node %s, store %s, broker %s",
-            host, port, args.backend, config.node, _redact(args.store), _redact(args.broker),
+            "serving %s on %s:%d with the %s backend; node %s, store %s, broker %s",
+            scheme, host, port, args.backend, config.node, _redact(args.store), _redact(args.broker),
         )
-        print(f"hubbub listening on ws://{host}:{port}", flush=True)
+        print(f"hubbub listening on {scheme}://{host}:{port}", flush=True)
     log.info("hubbub stopped")
 
 
@@ -853,12 +1207,28 @@ def _tune_gc() -> None:
 
 
 async def _on_signals(shell: Shell, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """SIGINT/SIGTERM: close every connection with 1001 and stop (a second one during the shutdown is
+    logged, not obeyed: the clients still get their close). SIGHUP: reload the TLS certificate."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
-        async for signum in signals:
-            log.info("received %s: closing every connection with 1001", signal.Signals(signum).name)
-            await shell.shutdown()
-            return
+        async with anyio.create_task_group() as tg:
+
+            async def stop() -> None:
+                await shell.shutdown()
+                tg.cancel_scope.cancel()  # and stop listening for signals: serve() returns
+
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if shell.tls is None:
+                        log.info("received SIGHUP: no TLS certificate to reload")
+                    else:
+                        shell.tls.reload()
+                elif shell.stopping:
+                    log.info("received %s: already shutting down", name)
+                else:
+                    log.info("received %s: closing every connection with 1001", name)
+                    tg.start_soon(stop)
 
 
 def _redact(url: str) -> str:
@@ -878,6 +1248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         open_store(args.store, parse_retention(args.history_retention))
         open_broker(args.broker, "check")
         verifier_from(args)
+        tls_from(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     for url, prefixes, module, extra in (
