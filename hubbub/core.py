@@ -162,6 +162,12 @@ class Config:
         "HTML, prose) 1 takes a fifth of the CPU of 6 for about 18 percent more bytes"
     )
     presence_window: float = _setting(0.05, "seconds over which presence joins and leaves coalesce into one diff")
+    max_rooms_per_connection: int = _setting(
+        100, "rooms one /ws connection may be in at once; a join past it is refused with too_many_rooms"
+    )
+    read_only_rooms: tuple[str, ...] | None = _setting(
+        None, "room name patterns (globs) where no client may publish, only the server; refused with forbidden"
+    )
     history_max: int = _setting(100, "largest limit a history request may ask for")
     node: str = _setting("0000", "this instance's tag inside message ids, so instances never collide")
     presence_heartbeat: float = _setting(
@@ -182,12 +188,15 @@ class UsageError(Exception):
 
 
 class EventError(Exception):
-    """Raised by a handler to answer the client with an ``error`` event; the connection stays open."""
+    """Raised by a handler to answer the client with an ``error`` event (with the request's ``ref`` and
+    ``room``, when given); the connection stays open."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, ref: Any = None, room: str | None = None) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        self.ref = ref
+        self.room = room
 
 
 class Unauthorized(Exception):
@@ -207,6 +216,10 @@ class Ack(NamedTuple):
     conn_id: int
     ref: Any
     id: str
+    ts: int | None = None
+    """The message's ts, for an ack that carries it (``/ws``'s)."""
+    room: str | None = None
+    """The message's room, for an error that names it (``/ws``'s)."""
 
 
 class Stored(NamedTuple):
@@ -235,6 +248,9 @@ class History(NamedTuple):
     room: str
     limit: int
     before: str | None
+    after: str | None = None
+    ref: Any = None
+    """The request's ``ref``, for the reply (``/ws``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,6 +603,10 @@ class Endpoint:
     name: str = ""
     rooms: Callable[[Mapping[str, str]], Iterable[str]] | None = None
     """The rooms a connection joins, from its route params: checked against a token's ``rooms`` claim."""
+    warns_expiry: bool = False
+    """Send ``token_expiring`` before a token's ``exp`` (30 s ahead, or at half its life if shorter)."""
+    refs: bool = False
+    """Errors the core answers itself (``missing_event``, ``unknown_event``) carry the event's ``ref``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,12 +704,15 @@ def route_event(
         return EventError("bad_json", f"invalid JSON: {exc}")
     if not isinstance(event, dict):
         return EventError("not_object", "expected a JSON object")
+    ref = event.get("ref") if endpoint.refs else None
+    if isinstance(ref, bool) or not isinstance(ref, (str, int, float)):
+        ref = None
     name = event.get("event")
     if not isinstance(name, str):
-        return EventError("missing_event", 'expected a string field "event"')
+        return EventError("missing_event", 'expected a string field "event"', ref)
     handler = endpoint.events.get(name)
     if handler is None:
-        return EventError("unknown_event", f"unknown event {name[:64]!r}")
+        return EventError("unknown_event", f"unknown event {name[:64]!r}", ref)
     return handler, event
 
 
@@ -828,6 +851,9 @@ class Upgrade:
 Decision = Refuse | ServeHttp | Upgrade
 
 
+_BEARER = (("WWW-Authenticate", 'Bearer realm="hubbub"'),)
+
+
 class Gatekeeper:
     """The handshake policy, as a pure decision in h11's manner: one parsed HTTP request in, one
     frozen ``Refuse``, ``ServeHttp`` or ``Upgrade`` out (tests assert on them). It owns the rules
@@ -948,9 +974,27 @@ class Gatekeeper:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             token = credentials.strip()
-        bearer = (("WWW-Authenticate", 'Bearer realm="hubbub"'),)
         if not token:
-            return Refuse(401, "a token is required (?token= or Authorization: Bearer)", bearer)
+            return Refuse(401, "a token is required (?token= or Authorization: Bearer)", _BEARER)
+        identity = self.verify(token)
+        if isinstance(identity, Refuse):
+            return identity
+        user, claims, expires = identity
+        allowed = claims.get("rooms")
+        if allowed is not None and match.endpoint.rooms is not None:
+            patterns = [allowed] if isinstance(allowed, str) else allowed
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                return Refuse(401, "invalid token: 'rooms' must be a list of patterns", _BEARER)
+            for room in match.endpoint.rooms(match.params):
+                if not any(fnmatch.fnmatchcase(room, p) for p in patterns):
+                    return Refuse(403, f"this token may not join room {room[:64]!r}")
+        return user, claims, expires
+
+    def verify(self, token: str) -> Refuse | tuple[str, Mapping[str, Any], float | None]:
+        """A token's (user, claims, expiry) as the handshake checks them, or the 401 it gets: the verifier
+        (signature, ``exp``, ``nbf``, ``aud``, ``iss``), then a usable ``sub`` and a sane ``exp``."""
+        assert self.verifier is not None
+        bearer = _BEARER
         try:
             claims = self.verifier(token)
         except Unauthorized as exc:
@@ -969,14 +1013,6 @@ class Gatekeeper:
                 return Refuse(401, "invalid token: 'exp' must be a number", bearer)
             if not -_MAX_TIMESTAMP < expires < _MAX_TIMESTAMP:
                 return Refuse(401, "invalid token: 'exp' is out of range", bearer)
-        allowed = claims.get("rooms")
-        if allowed is not None and match.endpoint.rooms is not None:
-            patterns = [allowed] if isinstance(allowed, str) else allowed
-            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-                return Refuse(401, "invalid token: 'rooms' must be a list of patterns", bearer)
-            for room in match.endpoint.rooms(match.params):
-                if not any(fnmatch.fnmatchcase(room, p) for p in patterns):
-                    return Refuse(403, f"this token may not join room {room[:64]!r}")
         return user, claims, None if expires is None else float(expires)
 
     def _host_allowed(self, host: bytes | None) -> bool:
@@ -1049,9 +1085,11 @@ class TimerKind(enum.Enum):
     PING = "ping"  # a connection id: send a keepalive ping
     PONG_DUE = "pong due"  # a connection id (and the ping's number): no pong yet, close 1011
     CLOSE = "close"  # a connection id: the peer's close frame is late, drop the socket
-    TOKEN_EXPIRY = "token expiry"  # a connection id: its token expired, close 1008
+    TOKEN_EXPIRY = "token expiry"  # a connection id (and its token's number): its token expired, close 1008
+    TOKEN_EXPIRING = "token expiring"  # a connection id (and its token's number): tell it, so it refreshes
     PRESENCE = "presence"  # a Room: its presence window ends
     NODE_EXPIRY = "node expiry"  # another instance's node tag: its heartbeats may have stopped
+    ANNOUNCE = "announce"  # none: this instance's presence changed, the broker should tell the others
 
 
 class Timers:
@@ -1147,6 +1185,9 @@ class Outbox:
         self.slow: list[Connection] = []
 
 
+NO_META = b"{}"
+"""The presence metadata of a connection that gave none (and of every v1 chat member)."""
+
 REPLY_ALLOWANCE = 4
 """Replies a client asked for may queue up to this many times ``max_buffer`` before it is a slow consumer."""
 
@@ -1191,6 +1232,7 @@ class Connection:
         "close_reason",
         "deflate_bits",
         "endpoint",
+        "expires",
         "id",
         "outbound",
         "outbound_size",
@@ -1202,6 +1244,7 @@ class Connection:
         "shell",
         "state",
         "status",
+        "token_number",
         "user",
     )
 
@@ -1215,6 +1258,8 @@ class Connection:
         self.params: Mapping[str, str] = {}
         self.query: Mapping[str, str] = {}
         self.claims: Mapping[str, Any] = {}
+        self.expires: float | None = None  # the token's exp (Unix seconds), if it has one
+        self.token_number = 0  # counts the tokens it has had (a refresh makes the old one's timers stale)
         self.endpoint: Endpoint | None = None
         self.rooms: list[Room] = []  # the rooms it is in, in the order it joined (Rooms keeps this list)
         self.outbound: list[bytes] | tuple[()] = ()  # what is queued (a list while something is): see append
@@ -1309,9 +1354,15 @@ class Connection:
             self.queue(OutboundMessage(opcode, payload, cfg.compression_min_size, cfg.compression_level).frame_for(
                 self.deflate_bits))
 
-    def error(self, code: str, detail: str) -> None:
-        """An ``error`` event; the connection stays open (raising ``EventError`` does the same)."""
-        self.send({"event": "error", "code": code, "detail": detail})
+    def error(self, code: str, detail: str, ref: Any = None, room: str | None = None) -> None:
+        """An ``error`` event (with the request's ``ref`` and ``room``, when given); the connection stays
+        open (raising ``EventError`` does the same)."""
+        event: dict[str, Any] = {"event": "error", "code": code, "detail": detail}
+        if ref is not None:
+            event["ref"] = ref
+        if room is not None:
+            event["room"] = room
+        self.send(event)
 
     def join(self, room: str, presence: bool = False) -> Room:
         """Join a room (created on first use); with ``presence`` the room tracks who is in it."""
@@ -1326,13 +1377,15 @@ class Connection:
         """Hand an effect (``Stored``, ``Publish``, ``History``) to the shell's backends."""
         self._server.emit(effect)
 
-    def publish(self, room: str, message: dict[str, Any], ref: Any = None) -> str | None:
+    def publish(self, room: str, message: dict[str, Any], ref: Any = None, v2: bool = False) -> str | None:
         """A message from this connection for ``room``: it gets its ``id`` and ``ts`` (added last),
         goes to the other members here at once, to the other instances (``Publish``) and to the
         store (``Stored``); this connection hears an ``ack`` with ``ref`` once it is stored (or
         ``unavailable`` if it could not be). Returns the id; None when the store is known to be down
-        (nothing was sent, and this connection got an ``unavailable`` error with ``ref``)."""
-        return self._server.publish(self, room, message, ref)
+        (nothing was sent, and this connection got an ``unavailable`` error with ``ref``). ``v2``:
+        ``/ws``'s publish: its ack carries the ``ts`` and its errors the room, and a message over
+        ``max_message_size`` as encoded is refused (``EventError``, ``bad_field``)."""
+        return self._server.publish(self, room, message, ref, v2)
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake (the peer's close frame or ``close_timeout`` ends it)."""
@@ -1349,6 +1402,49 @@ class Connection:
     def presence(self, room: str) -> list[str]:
         """Users present in ``room`` on every instance, sorted."""
         return self._server.presence(room)
+
+    def enter(self, room: str, meta: bytes = NO_META, watch: bool = True, ref: Any = None) -> None:
+        """Join ``room`` as a ``/ws`` client: present there with ``meta`` (this connection's metadata,
+        encoded JSON). The core answers ``joined``: at once without presence when it does not ``watch``;
+        else at the end of the presence window, with everyone's presence, and its messages and presence
+        diffs start from there."""
+        self._server.enter(self, room, meta, watch, ref)
+
+    def leave(self, room: str) -> bool:
+        """Leave ``room`` (False: this connection was not in it)."""
+        return self._server.leave(self, room)
+
+    def update_meta(self, room: str, meta: bytes) -> bool:
+        """This connection's metadata in ``room`` is now ``meta`` (encoded JSON); False: not in it."""
+        return self._server.update_meta(self, room, meta)
+
+    def in_room(self, room: str) -> bool:
+        """This connection is in ``room`` (it may publish there)."""
+        return any(each.name == room for each in self.rooms)
+
+    def presence_json(self, room: str) -> bytes:
+        """``{USER: [META, ...]}`` of ``room`` on every instance, as encoded JSON."""
+        return self._server.presence_json(room)
+
+    def verify(self, token: str) -> tuple[str, Mapping[str, Any], float | None]:
+        """(user, claims, expiry) of a new token, checked as at the handshake; ``EventError`` if it is
+        not good (code ``forbidden``)."""
+        checked = self._server.verify(token)
+        if isinstance(checked, Refuse):
+            raise EventError("forbidden", checked.reason)
+        return checked
+
+    def renew(self, claims: Mapping[str, Any], expires: float | None) -> None:
+        """Go on with a new token's ``claims`` (its ``exp``: ``expires``): the old one's expiry is off."""
+        self._server.renew(self, claims, expires)
+
+    def reply_raw(self, body: bytes) -> None:
+        """``reply`` with an event that is already encoded JSON (``body``, UTF-8): a big state spliced
+        together from parts encoded once."""
+        if self.state is State.OPEN:
+            config = self._config
+            self.queue_reply(OutboundMessage(
+                _TEXT, body, config.compression_min_size, config.compression_level).frame_for(self.deflate_bits))
 
     # -- for the server: the protocol engines ---------------------------------
 
@@ -1722,9 +1818,8 @@ class Connection:
 # Rooms: members, per-pass batches, presence windows
 # ---------------------------------------------------------------------------
 
-
 class Room:
-    """One named room: its members, what was broadcast to it in this pass, and its presence window.
+    """One named room: who is in it, what was broadcast to it in this pass, and its presence window.
 
     Broadcasts of one pass (one input, or one ``tick``) collect in the room's batch, one list of
     frames per compression group, and leave as one bytes object shared by every member of the
@@ -1734,12 +1829,18 @@ class Room:
     for the rest of the pass and get frames one by one; so are members of several rooms, whose
     frames must keep their order across rooms.
 
-    A presence room also counts each user's connections in it (``users``) and keeps the current
-    presence window: the joins and leaves logged in it and the members that joined during it,
-    who get the whole state when it ends (``Rooms.end_window``)."""
+    Presence: every connection in the room is *present*, with its metadata (``present``, as
+    encoded JSON; ``{}`` for v1 chat members), and ``users`` counts each user's connections.
+    ``watchers`` are the members that receive presence events (``/ws`` members that did not ask
+    ``"presence": false``). Joins, leaves and metadata changes of a window collect in the room and
+    go out together when it ends (``Rooms.end_window``): one diff for the watchers, and to each
+    ``pending`` joiner its ``joined`` with the whole state, both encoded once. Members of v1's
+    ``/presence`` route (``v1_watchers``) get v1's events instead: user names that came or went,
+    and, for those that joined in the window, the state at its end."""
 
     __slots__ = (
         "_batch",
+        "_changes",
         "_detached",
         "_log",
         "_multi",
@@ -1747,29 +1848,36 @@ class Room:
         "groups",
         "members",
         "name",
-        "presence",
+        "pending",
+        "present",
         "users",
+        "v1_watchers",
+        "watchers",
         "window_ends",
     )
 
-    def __init__(self, name: str, presence: bool) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.members: dict[Connection, None] = {}
+        self.members: dict[Connection, None] = {}  # the connections its broadcasts go to
         self.groups: dict[int | None, dict[Connection, None]] = {}  # deflate window bits (None: off) -> members
-        self.presence = presence
-        self.users: dict[str, int] = {}  # user -> its connections in this room
+        self.present: dict[Connection, bytes] = {}  # connection -> its metadata here (members and pending joiners)
+        self.users: dict[str, int] = {}  # user -> its connections present here
+        self.watchers: dict[Connection, None] = {}  # members that receive v2 presence events
+        self.v1_watchers: dict[Connection, None] = {}  # members that receive v1's (the /presence route's)
+        self.pending: dict[Connection, list[Any]] = {}  # joiners whose ``joined`` waits for the window's end: refs
         self.window_ends: float | None = None  # when the open presence window ends (None: none is open)
         self._batch: dict[int | None, list[bytes]] | None = None  # this pass's frames per group, while open
         self._detached: dict[Connection, None] = {}  # members served one frame at a time until the pass ends
         self._multi: dict[Connection, None] = {}  # members of other rooms too: detached in every pass
-        self._log: list[tuple[str, bool]] = []  # (user, joined) in this presence window
-        self._newcomers: dict[Connection, None] = {}  # joined in this window: their state comes at its end
+        self._log: list[tuple[str, bool]] = []  # v1: (user, came) in this window
+        self._newcomers: dict[Connection, None] = {}  # v1: joined in this window, their state comes at its end
+        self._changes: list[tuple[str, bytes, int]] = []  # (user, metadata, +1 came / -1 went) in this window
 
     # -- membership -------------------------------------------------------------
 
     def add(self, conn: Connection) -> bool:
-        """Make ``conn`` a member (False: it already was). One that joins mid-pass does not get what
-        was broadcast before it joined."""
+        """Make ``conn`` a member, one broadcasts go to (False: it already was). One that joins
+        mid-pass does not get what was broadcast before it joined."""
         if conn in self.members:
             return False
         self.members[conn] = None
@@ -1782,6 +1890,9 @@ class Room:
         return True
 
     def remove(self, conn: Connection) -> None:
+        """``conn`` is no longer in the room; what was broadcast to it earlier in this pass is its still."""
+        if conn.state is not State.CLOSED:
+            self.detach_if_batching(conn)
         self.members.pop(conn, None)
         group = self.groups.get(conn.deflate_bits)
         if group is not None:
@@ -1791,11 +1902,20 @@ class Room:
         self._detached.pop(conn, None)
         self._multi.pop(conn, None)
         self._newcomers.pop(conn, None)
+        self.watchers.pop(conn, None)
+        self.v1_watchers.pop(conn, None)
+        self.pending.pop(conn, None)
 
     def mark_multi(self, conn: Connection) -> None:
         """``conn`` is in other rooms too: from now on it takes this room's frames one by one."""
-        self._multi[conn] = None
-        self.detach_if_batching(conn)
+        if conn in self.members:
+            self._multi[conn] = None
+            self.detach_if_batching(conn)
+
+    @property
+    def empty(self) -> bool:
+        """Nobody is here (and no presence window is open): the room can go."""
+        return not self.present and not self.members and self.window_ends is None
 
     # -- this pass's batch --------------------------------------------------------
 
@@ -1840,7 +1960,7 @@ class Room:
             conn.append(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def detach_if_batching(self, conn: Connection) -> None:
-        if self._batch is not None and conn not in self._detached:
+        if self._batch is not None and conn not in self._detached and conn in self.members:
             self.detach(conn)
 
     def exclude(self, conn: Connection) -> None:
@@ -1869,44 +1989,97 @@ class Room:
 
     # -- presence -------------------------------------------------------------
 
-    def count_in(self, user: str) -> int:
-        """One more connection of ``user`` here; returns how many it had before."""
+    def enter(self, conn: Connection, meta: bytes) -> int:
+        """``conn`` is present here with ``meta``; returns how many connections its user had here before."""
+        self.present[conn] = meta
+        user = conn.user
         count = self.users.get(user, 0)
         self.users[user] = count + 1
+        if self.watchers or self.pending:  # news only to someone who watches
+            self._changes.append((user, meta, 1))
         return count
 
-    def count_out(self, user: str) -> int:
-        """One connection of ``user`` fewer; returns how many it still has."""
+    def exit(self, conn: Connection) -> int:
+        """``conn`` is no longer present; returns how many connections its user still has here."""
+        meta = self.present.pop(conn, None)
+        if meta is None:
+            return self.users.get(conn.user, 0)
+        user = conn.user
         count = self.users.get(user, 0) - 1
         if count > 0:
             self.users[user] = count
         else:
             self.users.pop(user, None)
+        if self.watchers or self.pending:
+            self._changes.append((user, meta, -1))
         return max(count, 0)
 
-    def log(self, user: str, joined: bool) -> None:
-        """A join or leave that is news to the room, for this window's diff."""
-        self._log.append((user, joined))
+    def update(self, conn: Connection, meta: bytes) -> None:
+        """``conn``'s metadata here is now ``meta`` (it leaves with the old and comes with the new)."""
+        old = self.present.get(conn)
+        if old is None or old == meta:
+            return
+        self.present[conn] = meta
+        if self.watchers or self.pending:
+            self._changes += [(conn.user, old, -1), (conn.user, meta, 1)]
+
+    def remote(self, user: str, meta: bytes, delta: int) -> None:
+        """A connection of ``user`` came (``delta`` 1) or went (-1) on another instance."""
+        self._changes.append((user, meta, delta))
+
+    def log(self, user: str, came: bool) -> None:
+        """v1: a user that is news to the room, for this window's diff of user names."""
+        self._log.append((user, came))
 
     def add_newcomer(self, conn: Connection) -> None:
         self._newcomers[conn] = None
 
-    def end_window(self) -> tuple[list[str], list[str], dict[Connection, None]]:
-        """Close the presence window: its net joins and leaves, and the members that joined during it."""
+    def end_window(self) -> tuple[list[str], list[str], dict[Connection, None], dict[str, list[bytes]],
+                                  dict[str, list[bytes]]]:
+        """Close the presence window: v1's net user joins and leaves and its newcomers; v2's net
+        joins and leaves of metadata, by user (a connection that came and went within it is in
+        neither)."""
         net: dict[str, int] = {}
-        for user, joined in self._log:
-            net[user] = net.get(user, 0) + (1 if joined else -1)
+        for user, came in self._log:
+            net[user] = net.get(user, 0) + (1 if came else -1)
+        v1_joins = sorted(u for u, n in net.items() if n > 0)
+        v1_leaves = sorted(u for u, n in net.items() if n < 0)
         newcomers = self._newcomers
+        counts: dict[tuple[str, bytes], int] = {}
+        for user, meta, delta in self._changes:
+            counts[(user, meta)] = counts.get((user, meta), 0) + delta
+        joins: dict[str, list[bytes]] = {}
+        leaves: dict[str, list[bytes]] = {}
+        for (user, meta), n in counts.items():
+            if n:
+                (joins if n > 0 else leaves).setdefault(user, []).extend([meta] * abs(n))
         self._log = []
         self._newcomers = {}
+        self._changes = []
         self.window_ends = None
-        return sorted(u for u, n in net.items() if n > 0), sorted(u for u, n in net.items() if n < 0), newcomers
+        return v1_joins, v1_leaves, newcomers, joins, leaves
+
+    def local_metas(self) -> dict[str, list[bytes]]:
+        """This instance's users here, each with one metadata per connection."""
+        by_user: dict[str, list[bytes]] = {}
+        for conn, meta in self.present.items():
+            metas = by_user.get(conn.user)
+            if metas is None:
+                by_user[conn.user] = [meta]
+            else:
+                metas.append(meta)
+        return by_user
+
+
+def _metas_json(users: Mapping[str, Iterable[bytes]], dumps: Callable[[Any], bytes]) -> bytes:
+    """``{USER: [META, ...]}`` from metadata already encoded: joined, never re-encoded."""
+    return b"{" + b",".join(dumps(user) + b":[" + b",".join(metas) + b"]" for user, metas in users.items()) + b"}"
 
 
 class Rooms:
     """Every room of one server, by name: joins and leaves (with presence), broadcasts, the rooms
     with a batch open in this pass, and the end of presence windows. Membership is kept on both
-    sides, the room's members and the connection's ``rooms``, and only here."""
+    sides, the room's and the connection's ``rooms``, and only here."""
 
     __slots__ = ("_batched", "_changed", "_cluster", "_config", "_timers", "by_name")
 
@@ -1918,52 +2091,117 @@ class Rooms:
         self._changed = changed  # this instance's presence changed (the broker should hear of it)
         self._batched: list[Room] = []  # rooms with broadcasts in this pass
 
-    def join(self, conn: Connection, name: str, presence: bool, now: float) -> Room:
+    def _room(self, name: str) -> Room:
         room = self.by_name.get(name)
         if room is None:
-            room = self.by_name[name] = Room(name, presence)
-        if not room.add(conn):
-            return room
-        rooms = conn.rooms
-        rooms.append(room)
-        if len(rooms) > 1:
-            for each in rooms:
+            room = self.by_name[name] = Room(name)
+        return room
+
+    def _become_member(self, conn: Connection, room: Room) -> None:
+        room.add(conn)
+        if len(conn.rooms) > 1:
+            for each in conn.rooms:
                 each.mark_multi(conn)
-        user = conn.user
-        before = room.count_in(user)
-        if room.presence:
+
+    def join(self, conn: Connection, name: str, presence: bool, now: float) -> Room:
+        """v1's join: a member at once, present with no metadata; with ``presence`` it gets v1's presence
+        events (the ``/presence`` route's): the state at the end of the window it joined in, then diffs."""
+        room = self._room(name)
+        if conn in room.present:
+            return room
+        conn.rooms.append(room)
+        self._become_member(conn, room)
+        self._arrive(conn, room, NO_META, now)
+        if presence:
+            room.v1_watchers[conn] = None
             room.add_newcomer(conn)
-            if before == 0:
-                self._changed()
-                if user not in self._cluster.users(name):
-                    room.log(user, True)
             self._open_window(room, now)
         return room
 
+    def _arrive(self, conn: Connection, room: Room, meta: bytes, now: float) -> None:
+        """``conn`` is present in ``room``: news for its presence watchers, and for the other instances."""
+        user = conn.user
+        if room.enter(conn, meta) == 0 and room.v1_watchers and user not in self._cluster.users(room.name):
+            room.log(user, True)
+            self._open_window(room, now)
+        if room.watchers or room.pending:
+            self._open_window(room, now)
+        self._changed()
+
+    def enter(self, conn: Connection, name: str, meta: bytes, watch: bool, ref: Any, now: float) -> None:
+        """v2's join: present with ``meta``. A watcher's ``joined`` (with the whole room's presence) goes
+        out when the presence window ends, and its messages start there; one that does not watch is
+        answered and a member at once. Joining a room it is in answers ``joined`` again."""
+        room = self._room(name)
+        if conn in room.present:
+            if conn in room.pending:
+                room.pending[conn].append(ref)  # answered with the first, at the window's end
+            else:
+                self.send_joined(conn, room, ref, self.state_json(room) if conn in room.watchers else None)
+            return
+        conn.rooms.append(room)
+        if watch:
+            room.pending[conn] = [ref]
+        else:
+            self._become_member(conn, room)
+            self.send_joined(conn, room, ref, None)
+        self._arrive(conn, room, meta, now)
+
+    def send_joined(self, conn: Connection, room: Room, ref: Any, presence: bytes | None) -> None:
+        """``{"event":"joined","room":R,"ref":X,"presence":{...}}``, the presence spliced in as encoded."""
+        dumps = self._config.codec.dumps
+        parts = [b'{"event":"joined","room":', dumps(room.name)]
+        if ref is not None:
+            parts += [b',"ref":', dumps(ref)]
+        if presence is not None:
+            parts += [b',"presence":', presence]
+        conn.queue_reply(encode_frame(_TEXT, b"".join(parts) + b"}") if conn.deflate_bits is None else
+                         OutboundMessage(_TEXT, b"".join(parts) + b"}", self._config.compression_min_size,
+                                         self._config.compression_level).frame_for(conn.deflate_bits))
+
+    def leave(self, conn: Connection, name: str, now: float) -> bool:
+        """``conn`` leaves room ``name`` (False: it was not in it)."""
+        room = self.by_name.get(name)
+        if room is None or conn not in room.present:
+            return False
+        conn.rooms.remove(room)
+        self._depart(conn, room, now)
+        return True
+
     def leave_all(self, conn: Connection, now: float) -> None:
-        """``conn`` stops being a member anywhere (it is closing)."""
-        for room in conn.rooms:
-            room.remove(conn)
-            user = conn.user
-            if room.count_out(user) == 0 and room.presence:
-                self._changed()
-                if user not in self._cluster.users(room.name):
-                    room.log(user, False)
-                    self._open_window(room, now)
-            if not room.members and room.window_ends is None:
-                self.by_name.pop(room.name, None)
-        conn.rooms = []
+        """``conn`` stops being anywhere (it is closing)."""
+        rooms, conn.rooms = conn.rooms, []
+        for room in rooms:
+            self._depart(conn, room, now)
+
+    def _depart(self, conn: Connection, room: Room, now: float) -> None:
+        room.remove(conn)
+        user = conn.user
+        if room.exit(conn) == 0 and room.v1_watchers and user not in self._cluster.users(room.name):
+            room.log(user, False)
+            self._open_window(room, now)
+        if room.watchers or room.pending:
+            self._open_window(room, now)
+        self._changed()
+        if room.empty and self.by_name.get(room.name) is room:
+            del self.by_name[room.name]
+
+    def update(self, conn: Connection, name: str, meta: bytes, now: float) -> bool:
+        """``conn``'s metadata in room ``name`` is now ``meta`` (False: it is not in it)."""
+        room = self.by_name.get(name)
+        if room is None or conn not in room.present:
+            return False
+        room.update(conn, meta)
+        self._changed()
+        if room.watchers or room.pending:
+            self._open_window(room, now)
+        return True
 
     def broadcast(self, name: str, message: OutboundMessage, excluded: Collection[Connection]) -> int:
         """``message`` for every member of room ``name`` but ``excluded``, batched for this pass."""
         room = self.by_name.get(name)
         if room is None:
             return 0
-        if not room.batching:
-            self._batched.append(room)
-        return room.broadcast(message, excluded)
-
-    def _broadcast(self, room: Room, message: OutboundMessage, excluded: Collection[Connection]) -> int:
         if not room.batching:
             self._batched.append(room)
         return room.broadcast(message, excluded)
@@ -1980,29 +2218,36 @@ class Rooms:
         for room in conn.rooms:
             room.exclude(conn)
 
-    def heartbeat(self, node: str, rooms: Mapping[str, Iterable[str]] | None, now: float) -> None:
+    def heartbeat(self, node: str, rooms: Mapping[str, Any] | None, now: float) -> None:
         """Another instance's presence heartbeat (None: its goodbye), told to the rooms it changes."""
         if rooms is None:
             changes = self._cluster.goodbye(node)
         else:
-            changes = self._cluster.heartbeat(node, rooms, now)
+            changes = self._cluster.heartbeat(node, rooms, now, self._config.codec.dumps)
             self._timers.schedule(self._cluster.deadline(node), TimerKind.NODE_EXPIRY, node)
-        for room, appeared, vanished in changes:
-            self.remote_change(room, appeared, vanished, now)
+        for change in changes:
+            self.remote_change(*change, now)
 
     def expire_node(self, node: str, now: float) -> None:
         """``node``'s heartbeat may be overdue: if it is, its users leave."""
-        for room, appeared, vanished in self._cluster.expire(node, now):
-            self.remote_change(room, appeared, vanished, now)
+        for change in self._cluster.expire(node, now):
+            self.remote_change(*change, now)
 
-    def remote_change(self, name: str, appeared: Iterable[str], vanished: Iterable[str], now: float) -> None:
-        """Users that came to or went from room ``name`` on the other instances (cluster-wide news)."""
+    def remote_change(self, name: str, appeared: Iterable[str], vanished: Iterable[str],
+                      metas: Iterable[tuple[str, bytes, int]], now: float) -> None:
+        """What changed in room ``name`` on the other instances: users now present cluster-wide that were
+        not and the other way round (v1's events), and connections' metadata that came and went (v2's)."""
         room = self.by_name.get(name)
-        if room is None or not room.presence:
+        if room is None:
             return
-        for user, joined in [(u, True) for u in appeared] + [(u, False) for u in vanished]:
-            if user not in room.users:
-                room.log(user, joined)
+        if room.v1_watchers:
+            for user, came in [(u, True) for u in appeared] + [(u, False) for u in vanished]:
+                if user not in room.users:
+                    room.log(user, came)
+                    self._open_window(room, now)
+        if room.watchers or room.pending:
+            for user, meta, delta in metas:
+                room.remote(user, meta, delta)
                 self._open_window(room, now)
 
     def _open_window(self, room: Room, now: float) -> None:
@@ -2011,21 +2256,49 @@ class Rooms:
             self._timers.schedule(room.window_ends, TimerKind.PRESENCE, room)
 
     def end_window(self, room: Room) -> None:
-        """End a presence window: members get its net joins and leaves (one shared diff); those
-        who joined during it get the state as it is now instead (one list, encoded once).
-
-        Whatever the burst (a reconnect storm of thousands), a window costs one sort of the
-        users, two encodes and one write per member."""
-        joins, leaves, newcomers = room.end_window()
-        if joins or leaves:
-            diff = {"event": "presence_diff", "joins": joins, "leaves": leaves}
-            self._broadcast(room, text_message(diff, self._config), newcomers)
+        """End a presence window. v2: the watchers get its net joins and leaves (one shared diff); the
+        joiners it held get their ``joined`` with the room's whole presence (encoded once), and from
+        now on its messages. v1: members get the diff of user names, those who came during it the
+        state instead. Whatever the burst (a reconnect storm of thousands), a window costs one state,
+        one diff and one write per member."""
+        v1_joins, v1_leaves, newcomers, joins, leaves = room.end_window()
+        config = self._config
+        if v1_joins or v1_leaves:
+            diff = text_message({"event": "presence_diff", "joins": v1_joins, "leaves": v1_leaves}, config)
+            if len(room.v1_watchers) == len(room.members):  # v1's /presence room as it always was: one batch
+                self.broadcast(room.name, diff, newcomers)
+            else:
+                for conn in room.v1_watchers:
+                    if conn not in newcomers:
+                        conn.queue(diff.frame_for(conn.deflate_bits))
         if newcomers:
-            state = text_message({"event": "presence_state", "users": self.presence(room.name)}, self._config)
+            state = text_message({"event": "presence_state", "users": self.presence(room.name)}, config)
             for conn in newcomers:
                 conn.queue_reply(state.frame_for(conn.deflate_bits))
-        if not room.members and self.by_name.get(room.name) is room:
+        dumps = config.codec.dumps
+        if room.watchers and (joins or leaves):
+            body = (b'{"event":"presence_diff","room":' + dumps(room.name) + b',"joins":'
+                    + _metas_json(joins, dumps) + b',"leaves":' + _metas_json(leaves, dumps) + b"}")
+            diff_message = OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level)
+            for conn in room.watchers:
+                conn.queue(diff_message.frame_for(conn.deflate_bits))
+        if room.pending:
+            pending, room.pending = room.pending, {}
+            state = self.state_json(room)
+            for conn, refs in pending.items():
+                for ref in refs:
+                    self.send_joined(conn, room, ref, state)
+                self._become_member(conn, room)
+                room.watchers[conn] = None
+        if room.empty and self.by_name.get(room.name) is room:
             del self.by_name[room.name]
+
+    def state_json(self, room: Room) -> bytes:
+        """``{USER: [META, ...]}``: everyone in ``room`` on this instance and the others."""
+        users = room.local_metas()
+        for user, metas in self._cluster.metas(room.name).items():
+            users.setdefault(user, []).extend(metas)
+        return _metas_json(users, self._config.codec.dumps)
 
     def presence(self, name: str) -> list[str]:
         """Users present in room ``name`` on this instance and the others, sorted."""
@@ -2036,9 +2309,20 @@ class Rooms:
             return sorted(local)
         return sorted(remote.keys() | local)
 
-    def local_presence(self) -> dict[str, list[str]]:
-        """This instance's own users per presence room: what its heartbeats tell the others."""
-        return {name: sorted(room.users) for name, room in self.by_name.items() if room.presence and room.users}
+    def local_presence(self) -> dict[str, Any]:
+        """This instance's own presence, what its heartbeats tell the others: per room each user's
+        metadata, one per connection, or (where nobody has any) a user name per connection."""
+        loads = self._config.codec.loads
+        out: dict[str, Any] = {}
+        for name, room in self.by_name.items():
+            present = room.present
+            if not present:
+                continue
+            if all(meta == NO_META for meta in present.values()):  # the short form: a name per connection
+                out[name] = sorted(conn.user for conn in present)
+            else:
+                out[name] = {user: [loads(meta) for meta in metas] for user, metas in room.local_metas().items()}
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -2047,23 +2331,26 @@ class Rooms:
 
 
 class RemoteNode:
-    """Another instance: its users per presence room, until ``deadline`` passes without a heartbeat."""
+    """Another instance: its users per room, each with one metadata per connection (encoded), until
+    ``deadline`` passes without a heartbeat."""
 
     __slots__ = ("deadline", "rooms")
 
     def __init__(self) -> None:
-        self.rooms: dict[str, frozenset[str]] = {}
+        self.rooms: dict[str, dict[str, tuple[bytes, ...]]] = {}
         self.deadline = 0.0
 
 
-Change = tuple[str, frozenset[str], frozenset[str]]
-"""(room, users now present cluster-wide that were not, users no longer present anywhere else)."""
+Change = tuple[str, frozenset[str], frozenset[str], list[tuple[str, bytes, int]]]
+"""(room, users now present cluster-wide that were not, users no longer present anywhere else,
+[(user, metadata, +1 came / -1 went)])."""
 
 
 class Cluster:
     """The other instances of this deployment: their presence (users per room, counted across
-    instances), when each one's heartbeats are due, and the newest message id delivered from each
-    (a publisher that replays after a broker outage may resend what already arrived)."""
+    instances, and each connection's metadata), when each one's heartbeats are due, and the newest
+    message id delivered from each (a publisher that replays after a broker outage may resend what
+    already arrived)."""
 
     __slots__ = ("_last_id", "_nodes", "_users", "node", "ttl")
 
@@ -2083,6 +2370,15 @@ class Cluster:
         """Users of ``room`` on other instances (with how many list them)."""
         return self._users.get(room) or {}
 
+    def metas(self, room: str) -> dict[str, list[bytes]]:
+        """Users of ``room`` on other instances, each with one metadata per connection."""
+        out: dict[str, list[bytes]] = {}
+        if room in self._users:
+            for remote in self._nodes.values():
+                for user, metas in remote.rooms.get(room, {}).items():
+                    out.setdefault(user, []).extend(metas)
+        return out
+
     def duplicate(self, node: str, message_id: Any) -> bool:
         """True for a message from ``node`` no newer than the last one delivered from it."""
         if not isinstance(message_id, str):
@@ -2093,20 +2389,33 @@ class Cluster:
         self._last_id[node] = message_id
         return False
 
-    def heartbeat(self, node: str, rooms: Mapping[str, Iterable[str]], now: float) -> list[Change]:
-        """``node``'s whole presence now; its users count until ``now + ttl`` (see ``expire``)."""
+    def heartbeat(self, node: str, rooms: Mapping[str, Any], now: float, dumps: Callable[[Any], bytes]) -> list[Change]:
+        """``node``'s whole presence now (per room a list of users, or user -> metadata objects); its
+        users count until ``now + ttl`` (see ``expire``). ValueError for a malformed one."""
+        new: dict[str, dict[str, tuple[bytes, ...]]] = {}
+        for room, users in rooms.items():
+            if not isinstance(room, str):
+                raise ValueError("a room name that is not a string")
+            if isinstance(users, list):  # the short form: a user name per connection, none with metadata
+                listed: dict[str, tuple[bytes, ...]] = {}
+                for user in users:
+                    listed[_user_name(user)] = (*listed.get(user, ()), NO_META)
+                new[room] = listed
+            elif isinstance(users, dict):
+                new[room] = {_user_name(user): tuple(dumps(_meta(m)) for m in metas) for user, metas in users.items()}
+            else:
+                raise ValueError("a room's presence is neither a list nor an object")
         remote = self._nodes.get(node)
         if remote is None:
             remote = self._nodes[node] = RemoteNode()
-        new = {room: frozenset(users) for room, users in rooms.items()}
         old = remote.rooms
         remote.rooms = new
         remote.deadline = now + self.ttl
         changes = []
         for room in old.keys() | new.keys():
-            before, after = old.get(room, frozenset()), new.get(room, frozenset())
+            before, after = old.get(room, {}), new.get(room, {})
             if before != after:
-                changes.append(self._count(room, after - before, before - after))
+                changes.append(self._count(room, before, after))
         return changes
 
     def deadline(self, node: str) -> float:
@@ -2125,25 +2434,47 @@ class Cluster:
         self._last_id.pop(node, None)
         if remote is None:
             return []
-        return [self._count(room, frozenset(), users) for room, users in remote.rooms.items()]
+        return [self._count(room, users, {}) for room, users in remote.rooms.items()]
 
-    def _count(self, room: str, joined: frozenset[str], left: frozenset[str]) -> Change:
+    def _count(self, room: str, before: Mapping[str, tuple[bytes, ...]],
+               after: Mapping[str, tuple[bytes, ...]]) -> Change:
         counts = self._users.setdefault(room, {})
-        appeared = frozenset(u for u in joined if counts.get(u, 0) == 0)
-        for user in joined:
-            counts[user] = counts.get(user, 0) + 1
-        vanished = []
-        for user in left:
+        appeared, vanished, metas = [], [], []
+        for user in after.keys() - before.keys():
+            n = counts.get(user, 0)
+            counts[user] = n + 1
+            if n == 0:
+                appeared.append(user)
+        for user in before.keys() - after.keys():
             n = counts.get(user, 0) - 1
             if n > 0:
                 counts[user] = n
             else:
                 counts.pop(user, None)
                 vanished.append(user)
+        for user in before.keys() | after.keys():
+            old, new = list(before.get(user, ())), list(after.get(user, ()))
+            for meta in new:
+                if meta in old:
+                    old.remove(meta)
+                else:
+                    metas.append((user, meta, 1))
+            metas += [(user, meta, -1) for meta in old]
         if not counts:
             del self._users[room]
-        return room, appeared, frozenset(vanished)
+        return room, frozenset(appeared), frozenset(vanished), metas
 
+
+def _user_name(user: Any) -> str:
+    if not isinstance(user, str):
+        raise ValueError("a user name that is not a string")
+    return user
+
+
+def _meta(meta: Any) -> Any:
+    if not isinstance(meta, dict):
+        raise ValueError("a presence metadata that is not an object")
+    return meta
 
 
 # ---------------------------------------------------------------------------
@@ -2359,7 +2690,6 @@ class Server:
     def effects(self) -> list[Effect]:
         """Work for the shell's backends since the last call (store, history, broker, logs)."""
         effects, self._effects = self._effects, []
-        self._presence_dirty = False
         return effects
 
     def close_all(self, code: int = CloseReason.GOING_AWAY, reason: str = "server shutting down") -> None:
@@ -2419,12 +2749,15 @@ class Server:
     def ack(self, acks: Iterable[Ack]) -> None:
         """The store committed these messages: tell each sender that is still connected."""
         connections = self.connections
-        for conn_id, ref, message_id in acks:
+        for conn_id, ref, message_id, ts, _ in acks:
             if ref is not None:
                 conn = connections.get(conn_id)
                 if conn is not None:
                     try:
-                        conn.send({"event": "ack", "ref": ref, "id": message_id})
+                        if ts is None:
+                            conn.send({"event": "ack", "ref": ref, "id": message_id})
+                        else:
+                            conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
                     except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
                         self._contain("ack", conn, exc)
         self._settle()
@@ -2437,6 +2770,8 @@ class Server:
                 error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
                 if ack.ref is not None:
                     error["ref"] = ack.ref
+                if ack.room is not None:
+                    error["room"] = ack.room
                 self._answer_safely(conn, error)
         self._settle()
 
@@ -2447,21 +2782,24 @@ class Server:
         except Exception as exc:
             self._contain(where, conn, exc)
 
-    def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]]) -> None:
-        """The store's answer to a ``History`` effect."""
+    def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]], ref: Any = None) -> None:
+        """The store's answer to a ``History`` effect (with the request's ``ref``, if it had one)."""
         conn = self.connections.get(conn_id)
         if conn is not None:
             try:
-                conn.reply(history_page(room, messages, self.config.max_buffer))
+                page = history_page(room, messages, self.config.max_buffer)
+                if ref is not None:
+                    page["ref"] = ref
+                conn.reply(page)
             except Exception as exc:
                 self._contain("history", conn, exc)
             self._settle()
 
-    def history_failed(self, conn_id: int, detail: str) -> None:
+    def history_failed(self, conn_id: int, detail: str, ref: Any = None, room: str | None = None) -> None:
         """The store could not answer a ``History`` effect."""
         conn = self.connections.get(conn_id)
         if conn is not None:
-            conn.error("unavailable", detail)
+            conn.error("unavailable", detail, ref=ref, room=room)
             self._settle()
 
     def set_available(self, backend: str, up: bool) -> None:
@@ -2505,7 +2843,7 @@ class Server:
             "connections": self.open_count,
             "sockets": len(self.connections),
             "rooms": len(rooms),
-            "presence_users": sum(len(r.users) for r in rooms.values() if r.presence),
+            "presence_users": len(set().union(*(r.users for r in rooms.values()))),  # distinct, anywhere here
             "routes": by_route,
         }
 
@@ -2530,40 +2868,89 @@ class Server:
     def emit(self, effect: Effect) -> None:
         self._effects.append(effect)
 
-    def publish(self, conn: Connection, room: str, message: dict[str, Any], ref: Any) -> str | None:
+    def publish(
+        self, conn: Connection, room: str, message: dict[str, Any], ref: Any, v2: bool = False
+    ) -> str | None:
         """``Connection.publish``: the broadcast (encoded once, batched for the pass) and the two
         effects that take the message to the broker and the store."""
         if not self._backends.get("store", True):
-            error = {"event": "error", "code": "unavailable", "detail": "the message store is unreachable: not sent"}
-            if ref is not None:
-                error["ref"] = ref
-            conn.send(error)
+            conn.error("unavailable", "the message store is unreachable: not sent", ref, room if v2 else None)
             return None
         now = self._now
         message["id"] = message_id = self._ids.next(now)
-        message["ts"] = int(now * 1000)
+        message["ts"] = ts = int(now * 1000)
         config = self.config
-        out = OutboundMessage(_TEXT, config.codec.dumps(message), config.compression_min_size, config.compression_level)
+        body = config.codec.dumps(message)
+        if v2 and len(body) > config.max_message_size:
+            raise EventError("bad_field", f"the message would be over {config.max_message_size} bytes", ref, room)
+        out = OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level)
         count = self._rooms.broadcast(room, out, (conn,))
         self.metrics.deliveries += count
         effects = self._effects
         # the named tuples' own __new__ is a Python function; tuple.__new__ builds the same values in C
+        ack = _new_tuple(Ack, (conn.id, ref, message_id, ts, room) if v2 else (conn.id, ref, message_id, None, None))
         effects.append(_new_tuple(Publish, (room, message)))
-        effects.append(_new_tuple(Stored, (room, message, _new_tuple(Ack, (conn.id, ref, message_id)))))
+        effects.append(_new_tuple(Stored, (room, message, ack)))
         return message_id
 
     def presence(self, room: str) -> list[str]:
         """Users present in a room on this instance and the others, sorted."""
         return self._rooms.presence(room)
 
+    def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any) -> None:
+        if conn.state is not State.OPEN:
+            raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
+        self._rooms.enter(conn, room, meta, watch, ref, self._now)
+
+    def leave(self, conn: Connection, room: str) -> bool:
+        return self._rooms.leave(conn, room, self._now)
+
+    def update_meta(self, conn: Connection, room: str, meta: bytes) -> bool:
+        return self._rooms.update(conn, room, meta, self._now)
+
+    def presence_json(self, room: str) -> bytes:
+        """``{USER: [META, ...]}`` of ``room`` on every instance, as encoded JSON."""
+        target = self._rooms.by_name.get(room)
+        if target is None:
+            return _metas_json(self._cluster.metas(room), self.config.codec.dumps)
+        return self._rooms.state_json(target)
+
+    def verify(self, token: str) -> Refuse | tuple[str, Mapping[str, Any], float | None]:
+        """A token's (user, claims, expiry), checked as at the handshake, or its 401."""
+        if self._gate.verifier is None:
+            return Refuse(401, "tokens are not in use here (no --jwt-secret or --jwt-public-key)")
+        checked = self._gate.verify(token)
+        if isinstance(checked, Refuse) and checked.failure is not None:
+            self._count_failure("verifier", None, checked.failure)
+        return checked
+
+    def renew(self, conn: Connection, claims: Mapping[str, Any], expires: float | None) -> None:
+        """``conn`` goes on with a new token's claims: the old token's timers no longer count."""
+        conn.claims = claims
+        conn.token_number += 1
+        conn.expires = None
+        if expires is not None:
+            self._schedule_expiry(conn, expires)
+
+    def _schedule_expiry(self, conn: Connection, expires: float) -> None:
+        conn.expires = expires
+        self._timers.schedule(expires, TimerKind.TOKEN_EXPIRY, conn.id, conn.token_number)
+        endpoint = conn.endpoint
+        if endpoint is not None and endpoint.warns_expiry:
+            warn_at = expires - min(30.0, (expires - self._now) / 2)
+            self._timers.schedule(warn_at, TimerKind.TOKEN_EXPIRING, conn.id, conn.token_number)
+
     def new_id(self) -> str:
         """A unique, time-ordered message id (``IdClock``)."""
         return self._ids.next(self._now)
 
     def _presence_changed(self) -> None:
+        """This instance's presence changed: the shell hears of it (``PresenceChanged``) once per
+        presence window at most, however many joins and leaves it held (a heartbeat holds every
+        room's presence, so a storm of joins must not make one each)."""
         if not self._presence_dirty:
             self._presence_dirty = True
-            self._effects.append(PresenceChanged())
+            self._timers.schedule(self._now + self.config.presence_window, TimerKind.ANNOUNCE, None)
 
     # -- the handshake -------------------------------------------------------------
 
@@ -2591,7 +2978,7 @@ class Server:
         self._handshaking.pop(conn, None)
         self.open_count += 1
         if upgrade.expires is not None:
-            self._timers.schedule(upgrade.expires, TimerKind.TOKEN_EXPIRY, conn.id)
+            self._schedule_expiry(conn, upgrade.expires)
         if cfg.ping_interval > 0:
             self._timers.schedule(self._now + cfg.ping_interval, TimerKind.PING, conn.id)
         endpoint = upgrade.endpoint
@@ -2667,18 +3054,18 @@ class Server:
             try:
                 routed[0](conn, routed[1])
             except EventError as exc:
-                conn.error(exc.code, exc.detail)
+                conn.error(exc.code, exc.detail, exc.ref, exc.room)
             except Exception as exc:  # a handler's bug must not take the server down with it
                 self._contain("handler", conn, exc)
         else:
-            conn.error(routed.code, routed.detail)  # type: ignore[union-attr]
+            conn.error(routed.code, routed.detail, routed.ref, routed.room)  # type: ignore[union-attr]
 
     def _call(self, conn: Connection, fn: Callable[..., None], *args: Any) -> None:
         """Run application code: EventError answers the client; anything else closes 1011."""
         try:
             fn(*args)
         except EventError as exc:
-            conn.error(exc.code, exc.detail)
+            conn.error(exc.code, exc.detail, exc.ref, exc.room)
         except Exception as exc:  # a handler's bug must not take the server down with it
             self._contain("handler", conn, exc)
 
@@ -2780,6 +3167,10 @@ class Server:
         if kind is TimerKind.NODE_EXPIRY:
             self._rooms.expire_node(target, now)
             return
+        if kind is TimerKind.ANNOUNCE:
+            self._presence_dirty = False
+            self._effects.append(PresenceChanged())
+            return
         conn = self.connections.get(target)
         if conn is None:
             return  # closed since: nothing to do
@@ -2796,5 +3187,8 @@ class Server:
             if conn.state is State.OPEN and conn.pong_late(seq):
                 self.fail(conn, CloseReason.INTERNAL_ERROR, "keepalive ping timeout")
         elif kind is TimerKind.TOKEN_EXPIRY:
-            if conn.state is State.OPEN:
+            if conn.state is State.OPEN and seq == conn.token_number:
                 self.send_close(conn, CloseReason.POLICY_VIOLATION, "token expired")
+        elif kind is TimerKind.TOKEN_EXPIRING:
+            if conn.state is State.OPEN and seq == conn.token_number and conn.expires is not None:
+                conn.send({"event": "token_expiring", "in": max(0, round(conn.expires - now))})

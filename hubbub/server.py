@@ -715,7 +715,8 @@ class Backends:
                     if stored:  # a read sees every message stored before it was asked for
                         self._store(stored)
                         stored = []
-                    self.writer.read(effect.conn_id, effect.room, effect.limit, effect.before)  # type: ignore[union-attr]
+                    # the effect itself comes back with the answer: who asked, and the request's ref
+                    self.writer.read(effect, effect.room, effect.limit, effect.before, effect.after)  # type: ignore[union-attr]
                 elif kind is core.PresenceChanged:
                     presence_changed = True
                 elif kind is core.Failure:
@@ -746,12 +747,12 @@ class Backends:
         self.server.unavailable(acks, detail)
         self._wake()
 
-    def _on_history(self, conn_id: int, room: str, messages: list[Any]) -> None:
-        self.server.history_reply(conn_id, room, messages)
+    def _on_history(self, request: core.History, room: str, messages: list[Any]) -> None:
+        self.server.history_reply(request.conn_id, room, messages, request.ref)
         self._wake()
 
-    def _on_history_failed(self, conn_id: int, detail: str) -> None:
-        self.server.history_failed(conn_id, detail)
+    def _on_history_failed(self, request: core.History, detail: str) -> None:
+        self.server.history_failed(request.conn_id, detail, request.ref, request.room)
         self._wake()
 
     def _on_store_status(self, up: bool) -> None:
@@ -1061,6 +1062,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: any. Set it in deployments: it is the defence against DNS rebinding",
     )
     parser.add_argument(
+        "--read-only-rooms", default=_env("read_only_rooms"), metavar="GLOBS",
+        help="comma-separated room name patterns (e.g. 'feed-*,announcements') where no client may publish; "
+        "only the server API can",
+    )
+    parser.add_argument(
         "--store", default=_env("store") or "sqlite:///hubbub.db",
         help="where chat history is kept: sqlite:///PATH (a file; sqlite:////abs/path), "
         "postgresql://USER@HOST:PORT/DB, or memory (gone on restart)",
@@ -1095,7 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", default=_env("tls_key"), metavar="FILE", help="the PEM private key of --tls-cert")
     parser.add_argument("--jwt-audience", default=_env("jwt_audience"), help="required 'aud' claim of tokens")
     parser.add_argument("--jwt-issuer", default=_env("jwt_issuer"), help="required 'iss' claim of tokens")
-    skip = {"compression", "allowed_origins", "allowed_hosts", "node", "codec"}
+    skip = {"compression", "allowed_origins", "allowed_hosts", "node", "codec", "read_only_rooms"}
     for f in dataclasses.fields(core.Config):
         if f.name in skip:
             continue
@@ -1117,7 +1123,7 @@ def config_from(args: argparse.Namespace) -> core.Config:
     values = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(core.Config)
-        if f.name not in ("compression", "allowed_origins", "allowed_hosts", "node", "codec")
+        if f.name not in ("compression", "allowed_origins", "allowed_hosts", "node", "codec", "read_only_rooms")
     }
     return core.Config(
         **values,
@@ -1125,8 +1131,16 @@ def config_from(args: argparse.Namespace) -> core.Config:
         compression=not args.no_compression,
         allowed_origins=_names(args.allowed_origins),
         allowed_hosts=_names(args.allowed_hosts),
+        read_only_rooms=_patterns(args.read_only_rooms),
         node=os.urandom(4).hex(),  # 32 bits: instances of one deployment must not share a tag
     )
+
+
+def _patterns(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated flag of glob patterns, as given (None when not given)."""
+    if not text:
+        return None
+    return tuple(pattern.strip() for pattern in text.split(",") if pattern.strip())
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:

@@ -120,9 +120,8 @@ class Hub:
                 if effect.ack is not None:
                     server.ack([effect.ack])
             elif isinstance(effect, core.History):
-                server.history_reply(
-                    effect.conn_id, effect.room, self.store.history(effect.room, effect.limit, effect.before)
-                )
+                page = self.store.history(effect.room, effect.limit, effect.before, effect.after)
+                server.history_reply(effect.conn_id, effect.room, page, effect.ref)
         for conn in self.server.pending():
             data = conn.data_to_send()
             if data:

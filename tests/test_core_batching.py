@@ -1,7 +1,7 @@
 """Per-pass room batches: a room's broadcasts of one pass leave as one shared bytes object.
 
 Whatever happens in a pass (several senders, members with output of their own, members
-joining mid-pass or of several rooms, compression groups, closes), every connection must
+joining and leaving mid-pass, members of several rooms, compression groups, closes), every connection must
 receive exactly the bytes, in exactly the order, that one frame per message per recipient
 would have given it; through ``take_shared`` (the shell's fast path) and through
 ``pending`` alone (the simple path) alike.
@@ -69,6 +69,11 @@ class World:
             if conn.state is core.State.OPEN and conn not in self.members[room]:
                 self.members[room].append(conn)
                 conn.join(room)
+        elif kind == "leave":
+            conn, room = self.conns[op[1] % len(self.conns)], ROOMS[op[2]]
+            if conn in self.members[room]:
+                self.members[room].remove(conn)
+                assert conn.leave(room)
         elif kind == "close":
             conn = self.conns[op[1] % len(self.conns)]
             if conn.state is core.State.OPEN:
@@ -98,6 +103,8 @@ ops = st.one_of(
     st.tuples(st.just("broadcast"), st.integers(0, 2), st.integers(0, 20), message_size),
     st.tuples(st.just("send"), st.integers(0, 20), message_size),
     st.tuples(st.just("join"), st.integers(0, 20), st.integers(0, 2), message_size),
+    st.tuples(st.just("join"), st.integers(0, 20), st.integers(0, 2), message_size),  # often: members of several
+    st.tuples(st.just("leave"), st.integers(0, 20), st.integers(0, 2), message_size),
     st.tuples(st.just("close"), st.integers(0, 20), message_size),
 )
 specs = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=1, max_size=8)

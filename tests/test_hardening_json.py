@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hubbub import core
+from hubbub.server import ORJSON
 from tests.hub import Hub
 
 HOSTILE_SCALARS = [
@@ -57,14 +58,21 @@ values = st.recursive(
 
 hostile = st.one_of(st.sampled_from(HOSTILE_SCALARS), values)  # half of them from the list above
 
-EVENTS = ["message", "history", "list", "unknown", "", "\ud800"]
-FIELDS = ["event", "text", "ref", "limit", "before", "room", "data"]
+EVENTS = ["message", "history", "list", "join", "publish", "presence_update", "unknown", "", "\ud800"]
+FIELDS = ["event", "text", "ref", "limit", "before", "after", "room", "data", "meta", "key", "since", "presence"]
 
 
 TEMPLATES = [  # the events the routes handle, valid as they stand: the test replaces some fields
     {"event": '"message"', "text": '"hello"', "ref": "1"},
     {"event": '"history"', "limit": "5", "before": '"0"'},
     {"event": '"list"'},
+    {"event": '"join"', "room": '"r"', "meta": '{"s":1}', "ref": "2"},  # /ws's
+    {"event": '"publish"', "room": '"r"', "data": '{"x":[1,"y"]}', "key": '"k"', "ref": '"p"'},
+    {"event": '"history"', "room": '"r"', "after": '"0"', "limit": "3"},
+    {"event": '"presence"', "room": '"r"'},
+    {"event": '"presence_update"', "room": '"r"', "meta": '{"typing":true}'},
+    {"event": '"leave"', "room": '"r"'},
+    {"event": '"refresh"', "token": '"t"'},
 ]
 
 
@@ -75,7 +83,7 @@ def events(draw: st.DrawFn) -> str:
     shape = draw(st.sampled_from(["template", "template", "template", "object", "scalar", "broken"]))
     if shape == "template":
         fields = dict(draw(st.sampled_from(TEMPLATES)))
-        for name in draw(st.lists(st.sampled_from([*fields, "text", "ref", "room"]), min_size=1, max_size=2)):
+        for name in draw(st.lists(st.sampled_from([*fields, "text", "ref", "room", "meta"]), min_size=1, max_size=2)):
             fields[name] = draw(hostile)
         return members(list(fields.items()))
     if shape == "scalar":
@@ -99,12 +107,16 @@ def strict(text: str) -> Any:
 
 
 @settings(max_examples=400, deadline=None)
-@given(route=st.sampled_from(["/chat/r", "/chat/r", "/presence", "/echo"]),
-       messages=st.lists(events(), min_size=1, max_size=8))
-def test_hostile_json_into_every_event_of_every_route(route: str, messages: list[str]) -> None:
-    hub = Hub(rate_limit=0, max_message_size=65536)
+@given(route=st.sampled_from(["/chat/r", "/chat/r", "/presence", "/echo", "/ws", "/ws"]),
+       messages=st.lists(events(), min_size=1, max_size=8), codec=st.sampled_from([core.STDLIB_JSON, ORJSON]))
+def test_hostile_json_into_every_event_of_every_route(route: str, messages: list[str], codec: core.Codec) -> None:
+    hub = Hub(rate_limit=0, max_message_size=65536, codec=codec)
     victim = hub.join(f"{route}?user=mallory")
     witness = hub.join(f"{route}?user=witness")
+    if route == "/ws":
+        for peer in (victim, witness):
+            peer.send_json({"event": "join", "room": "r", "meta": {"who": "me"}})
+        hub.advance(0.1)
     for text in messages:
         if victim.closed_with is not None:
             break  # closed (1009 for an oversized one): the client sends nothing more
@@ -124,6 +136,10 @@ def test_hostile_json_into_every_event_of_every_route(route: str, messages: list
     else:
         assert victim.closed_with in (1009,), (victim.closed_with, conn.close_reason)
     assert not hub.server.metrics.failures, hub.server.metrics.failures
+    for room in conn.rooms:  # membership is kept on both sides, and they agree
+        assert conn in room.present
+    for room in hub.server.rooms.values():
+        assert all(room in member.rooms for member in room.present)
     # and the server serves a fresh pair in a fresh room
     a, b = hub.join("/chat/after?user=a"), hub.join("/chat/after?user=b")
     a.send_json({"event": "message", "text": "still here", "ref": 1})

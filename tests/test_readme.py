@@ -12,7 +12,8 @@ from tests.servers import ROOT
 
 START = "<!-- limits-table: generated from core.Config; tests/test_readme.py checks it -->"
 END = "<!-- /limits-table -->"
-SHELL_ONLY = {"compression", "allowed_origins", "allowed_hosts", "node", "codec"}  # flags of their own, or not a flag
+# flags of their own, or not a flag
+SHELL_ONLY = {"compression", "allowed_origins", "allowed_hosts", "node", "codec", "read_only_rooms"}
 
 
 def limits_table() -> str:

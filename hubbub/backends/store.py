@@ -142,7 +142,9 @@ class Store(Protocol):
     shared: bool  # True: every instance writes to the same store (so each keeps only its own messages)
 
     def write(self, messages: Sequence[tuple[str, Message]]) -> None: ...
-    def history(self, room: str, limit: int, before: str | None = None) -> list[Message]: ...
+    def history(
+        self, room: str, limit: int, before: str | None = None, after: str | None = None
+    ) -> list[Message]: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 
@@ -195,8 +197,11 @@ class MemoryStore:
             kept.append(message)
             ids.add(message_id)
 
-    def history(self, room: str, limit: int, before: str | None = None) -> list[Message]:
-        """Up to ``limit`` messages older than id ``before`` (or the newest), oldest first."""
+    def history(
+        self, room: str, limit: int, before: str | None = None, after: str | None = None
+    ) -> list[Message]:
+        """Up to ``limit`` messages, oldest first: the newest older than id ``before`` (or the newest of
+        all); with ``after``, the oldest newer than id ``after`` (and older than ``before``, if given)."""
         cutoff = self._cutoff()
         kept = self._rooms.get(room)
         if kept is None:
@@ -207,14 +212,21 @@ class MemoryStore:
                 del self._rooms[room]
                 return []
         picked: list[Message] = []
-        for message in reversed(kept):
-            if (before is not None and message["id"] >= before) or (cutoff is not None and _ts(message) < cutoff):
+        for message in (kept if after is not None else reversed(kept)):
+            message_id = message["id"]
+            if (
+                (before is not None and message_id >= before)
+                or (after is not None and message_id <= after)
+                or (cutoff is not None and _ts(message) < cutoff)
+            ):
                 continue  # (a message from another instance may be older than one stored before it)
             picked.append(message)
             if len(picked) == limit:
                 break
-        picked.reverse()
-        return picked
+        if after is None:
+            picked.reverse()
+            return picked
+        return sorted(picked, key=lambda m: m["id"])  # what came from other instances may be out of order
 
     def ping(self) -> None:
         pass
@@ -395,24 +407,32 @@ class _SQLStore:
         if cutoff is not None:
             self._pruning.expired(expired)
 
-    def history(self, room: str, limit: int, before: str | None = None) -> list[Message]:
-        """Up to ``limit`` messages older than id ``before`` (or the newest), oldest first; none past
-        the retention's age, even before the age delete has removed them."""
-        _storable(room, *(() if before is None else (before,)))
+    def history(
+        self, room: str, limit: int, before: str | None = None, after: str | None = None
+    ) -> list[Message]:
+        """Up to ``limit`` messages, oldest first: the newest older than id ``before`` (or the newest of
+        all); with ``after``, the oldest newer than id ``after`` (and older than ``before``, if given).
+        None past the retention's age, even before the age delete has removed them."""
+        _storable(room, *(bound for bound in (before, after) if bound is not None))
         p = self.param
         sql = f"SELECT body FROM hubbub_messages WHERE room = {p}"
         params: list[Any] = [room]
         if before is not None:
             sql += f" AND id < {p}"
             params.append(before)
+        if after is not None:
+            sql += f" AND id > {p}"
+            params.append(after)
         cutoff = self.retention.cutoff_ms(time.time())
         if cutoff is not None:
             sql += f" AND ts >= {p}"
             params.append(cutoff)
-        sql += f" ORDER BY id DESC LIMIT {p}"
+        sql += f" ORDER BY id {'ASC' if after is not None else 'DESC'} LIMIT {p}"
         params.append(limit)
         rows = self._run(lambda cur: cur.execute(sql, params).fetchall())
-        return [json.loads(body) for (body,) in reversed(rows)]
+        if after is None:
+            rows.reverse()
+        return [json.loads(body) for (body,) in rows]
 
     def ping(self) -> None:
         self._run(lambda cur: cur.execute("SELECT 1").fetchone())
@@ -613,7 +633,7 @@ class StoreWorker:
         self.up = True
         self.failures = 0  # items the store failed on for a reason of their own, and callbacks that raised
         self._writes: list[Item] = []
-        self._reads: list[tuple[int, str, int, str | None]] = []
+        self._reads: list[tuple[Any, str, int, str | None, str | None]] = []
         self._wake = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -664,22 +684,30 @@ class StoreWorker:
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
 
-    def read(self, conn_id: int, room: str, limit: int, before: str | None) -> None:
+    def read(self, request: Any, room: str, limit: int, before: str | None, after: str | None = None) -> None:
+        """Read a page of ``room``'s history (see ``Store.history``) and answer ``on_history(request, room,
+        messages)`` or ``on_history_failed(request, detail)``; ``request`` is the caller's, handed back."""
         if not self.store.blocking and not self._writes and not self._reads and self.up:
             started = time.perf_counter()
             try:
-                messages = self.store.history(room, limit, before)
+                messages = self._history(room, limit, before, after)
             except StoreError:
                 pass  # queued below, answered by the loop
             except Exception as exc:
-                self._read_failed(conn_id, room, exc)
+                self._read_failed(request, room, exc)
                 return
             else:
                 self._notify(self.observe, "read", time.perf_counter() - started)
-                self._notify(self.on_history, conn_id, room, messages)
+                self._notify(self.on_history, request, room, messages)
                 return
-        self._reads.append((conn_id, room, limit, before))
+        self._reads.append((request, room, limit, before, after))
         self._wake.set()
+
+    def _history(self, room: str, limit: int, before: str | None, after: str | None) -> list[Message]:
+        """The store's page (``after`` passed only when given: a store of before's time takes three)."""
+        if after is None:
+            return self.store.history(room, limit, before)
+        return self.store.history(room, limit, before, after)
 
     async def drain(self) -> None:
         """Wait until every write queued so far has been committed or given up."""
@@ -794,24 +822,24 @@ class StoreWorker:
         if acks:
             self._notify(self.on_lost, acks, REFUSED_WRITE)
 
-    async def _answer(self, conn_id: int, room: str, limit: int, before: str | None) -> None:
+    async def _answer(self, request: Any, room: str, limit: int, before: str | None, after: str | None) -> None:
         started = time.perf_counter()
         try:
-            messages = await self._call(self.store.history, room, limit, before)
+            messages = await self._call(self._history, room, limit, before, after)
         except StoreError as exc:
             self._set_up(False, str(exc))
-            self._notify(self.on_history_failed, conn_id, UNREACHABLE_READ)
+            self._notify(self.on_history_failed, request, UNREACHABLE_READ)
             return
         except Exception as exc:
-            self._read_failed(conn_id, room, exc)
+            self._read_failed(request, room, exc)
             return
         self._notify(self.observe, "read", time.perf_counter() - started)
-        self._notify(self.on_history, conn_id, room, messages)
+        self._notify(self.on_history, request, room, messages)
 
-    def _read_failed(self, conn_id: int, room: str, exc: BaseException) -> None:
+    def _read_failed(self, request: Any, room: str, exc: BaseException) -> None:
         self.failures += 1
         log.error("store: a history read of room %r failed: %r", room, exc, exc_info=exc)
-        self._notify(self.on_history_failed, conn_id, FAILED_READ)
+        self._notify(self.on_history_failed, request, FAILED_READ)
 
     def _notify(self, callback: Callable[..., Any], *args: Any) -> None:
         """Call one of the shell's callbacks; one that raises is logged and counted, and we go on."""
