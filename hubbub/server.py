@@ -1188,7 +1188,8 @@ async def serve(
         observe=metrics.observer("broker"),
     )
     server = core.Server(
-        build_router(config), config, http_routes={"/": page.index, "/metrics": metrics.render},
+        build_router(config), config,
+        http_routes={"/": page.index, "/hubbub.js": page.client_js, "/metrics": metrics.render},
         verifier=verifier_from(args),
     )
     shell = Shell(server, store, broker, metrics, tls=tls_from(args))

@@ -19,6 +19,8 @@ from pathlib import Path
 from hubbub.core import HttpReply, Server
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_bytes()  # not importlib.resources: 0.7 MB
+CLIENT = (Path(__file__).parent / "static" / "hubbub.js").read_bytes()
+"""The JavaScript client (one ES module), served at ``GET /hubbub.js``; read once, like the page."""
 
 _HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 """A Host header we are willing to echo into the policy; anything else could inject directives."""
@@ -73,4 +75,14 @@ def index(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
             ("X-Content-Type-Options", "nosniff"),
             ("Referrer-Policy", "no-referrer"),
         ],
+    )
+
+
+def client_js(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
+    """``GET /hubbub.js``: the JavaScript client, one ES module (no key needed)."""
+    return (
+        200,
+        CLIENT,
+        "text/javascript",  # module scripts are always decoded as UTF-8
+        [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")],
     )
