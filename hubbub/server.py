@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import gc
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -52,7 +53,15 @@ from anyio.abc import TaskGroup
 
 from hubbub import core
 from hubbub.backends.broker import MemoryBroker, PubSubBroker, open_broker
-from hubbub.backends.store import DEFAULT_RETENTION, MemoryStore, Store, StoreWorker, open_store, parse_retention
+from hubbub.backends.store import (
+    DEFAULT_RETENTION,
+    MemoryStore,
+    SQLiteStore,
+    Store,
+    StoreWorker,
+    open_store,
+    parse_retention,
+)
 from hubbub.handlers import build_router, page
 
 log = logging.getLogger("hubbub")
@@ -1014,11 +1023,15 @@ class Shell:
 # -- the command line -----------------------------------------------------------
 
 
-def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A non-blocking listening socket (IPv6 when the host says so)."""
+def listen(host: str, port: int, backlog: int = 4096, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket (IPv6 when the host says so). With ``reuse_port`` (the workers
+    of ``--workers``) every process listens on the same port and the kernel spreads new connections
+    over them by their addresses' hash (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(backlog)
     sock.setblocking(False)
@@ -1043,6 +1056,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=("asyncio", "trio"), default=_env("backend") or "asyncio",
         help="event loop (asyncio uses uvloop when it is installed)",
     )
+    parser.add_argument(
+        "--workers", type=_workers, default=_workers(_env("workers") or "1"), metavar="N",
+        help="worker processes on the port (SO_REUSEPORT), 'auto' for one per core. Above 1, a parent process "
+        "starts them, restarts one that dies (with backoff) and forwards SIGTERM/SIGINT/SIGHUP; they share rooms, "
+        "presence and history through --broker, or, with none given, through a NATS server the parent runs on "
+        "a private loopback port (pip install 'hubbub[workers]')",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(_env("metrics_port")) if _env("metrics_port") else None,
+        metavar="PORT",
+        help="also serve /metrics and /healthz, plain HTTP, on --metrics-host:PORT. With --workers the parent "
+        "serves it: every worker's metrics summed (/metrics?worker=N: one worker's), and /healthz 200 only "
+        "while every worker and the broker are up",
+    )
+    parser.add_argument(
+        "--metrics-host", default=_env("metrics_host") or "127.0.0.1", help="address of --metrics-port",
+    )
+    # what a --workers parent tells each worker (not for people): its number, and the socket to the parent
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-socket", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--log-level", default=_env("log_level") or "info",
         choices=("debug", "info", "warning", "error"), help="logging level of the 'hubbub' logger",
@@ -1113,6 +1146,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=f.metadata.get("help", ""),
         )
     return parser
+
+
+def _workers(value: str) -> int:
+    """``--workers``: a positive count, or 'auto' (the cores this process may run on)."""
+    if value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers, nor 'auto': {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("--workers must be at least 1")
+    return count
 
 
 def _truthy(value: str | None) -> bool:
@@ -1192,12 +1238,26 @@ async def serve(
         http_routes={"/": page.index, "/hubbub.js": page.client_js, "/metrics": metrics.render},
         verifier=verifier_from(args),
     )
+    if args.worker is not None and isinstance(store, SQLiteStore):
+        # One file for all the workers (WAL: one writer at a time, readers never wait): each keeps
+        # its own clients' messages, and every history read sees everyone's.
+        store.shared = True
     shell = Shell(server, store, broker, metrics, tls=tls_from(args))
     metrics.attach(shell.backends)
-    listener = listen(args.host, args.port)
+    listener = listen(args.host, args.port, reuse_port=args.worker is not None)
     host, port = listener.getsockname()[:2]
+    plain = []
+    if args.worker is not None:  # the parent reads this worker's /metrics and /healthz here
+        plain.append(listen("127.0.0.1", 0))
+    elif args.metrics_port is not None:
+        plain.append(listen(args.metrics_host, args.metrics_port))
     async with anyio.create_task_group() as tg:
-        await tg.start(shell.run, listener)
+
+        async def run_shell(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            await shell.run(listener, plain=plain, task_status=task_status)
+            tg.cancel_scope.cancel()  # the shell stopped: so do the signal and parent watchers
+
+        await tg.start(run_shell)
         if handle_signals:
             await tg.start(_on_signals, shell)
         task_status.started((shell, port))
@@ -1206,8 +1266,41 @@ async def serve(
             "serving %s on %s:%d with the %s backend; node %s, store %s, broker %s",
             scheme, host, port, args.backend, config.node, _redact(args.store), _redact(args.broker),
         )
-        print(f"hubbub listening on {scheme}://{host}:{port}", flush=True)
+        if args.worker is not None:
+            print(f"hubbub worker {args.worker} listening on {scheme}://{host}:{port}", flush=True)
+            if args.worker_socket is not None:
+                tg.start_soon(_report_to_parent, args.worker_socket, shell, {
+                    "worker": args.worker, "pid": os.getpid(), "node": config.node, "port": port,
+                    "control": plain[0].getsockname()[1],
+                })
+        else:
+            print(f"hubbub listening on {scheme}://{host}:{port}", flush=True)
+            if plain:
+                print(f"hubbub metrics on http://{args.metrics_host}:{plain[0].getsockname()[1]}/metrics", flush=True)
     log.info("hubbub stopped")
+
+
+async def _report_to_parent(fd: int, shell: Shell, ready: dict[str, Any]) -> None:
+    """A worker's line to its parent: say it is ready (one JSON line), then wait; the parent gone (the
+    socket's end: it was killed, say) means this worker goes too, closing its clients with 1001."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    try:
+        sock.sendall(json.dumps(ready).encode() + b"\n")
+        while True:
+            await anyio.wait_readable(sock)
+            try:
+                if not sock.recv(4096):
+                    break
+            except (BlockingIOError, InterruptedError):
+                continue
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    if not shell.stopping:
+        log.warning("the --workers parent is gone: shutting down")
+        await shell.shutdown()
 
 
 def _tune_gc() -> None:
@@ -1272,9 +1365,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ):
         if url.startswith(prefixes) and importlib.util.find_spec(module) is None:
             parser.error(f"{url.split(':')[0]} needs {module}: pip install 'hubbub[{extra}]'")
-    if args.backend == "trio" and args.broker != "memory":
-        parser.error("--broker redis:// and nats:// need the asyncio backend (their clients are asyncio-only)")
+    if args.backend == "trio" and (args.broker != "memory" or args.workers > 1):
+        parser.error("--broker redis:// and nats:// (and so --workers, whose workers share a broker) need the "
+                     "asyncio backend: the broker clients are asyncio-only")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers > 1 and args.worker is None:
+        from hubbub.supervisor import supervise
+
+        try:
+            sys.exit(supervise(args, list(sys.argv[1:] if argv is None else argv)))
+        except ValueError as exc:
+            parser.error(str(exc))
     backend_options: dict[str, Any] = {}
     if args.backend == "asyncio":
         try:

@@ -215,7 +215,7 @@ def test_a_handshake_that_never_finishes_is_dropped_at_the_handshake_timeout(bac
                 pass
             sock.close()
         waited = time.monotonic() - started
-        assert 0.3 < waited < 5.0, waited
+        assert 0.3 < waited < 9.0, waited  # 0.5 s, and a loaded machine's scheduling
         alice.send('{"event":"message","text":"unhindered"}')
         assert recv_json(bob)["text"] == "unhindered"
         stats = server.shell.tls
