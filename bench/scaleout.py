@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import time
@@ -102,8 +103,10 @@ class Member(Conn):
             raise AssertionError(f"member {self.index}: messages from unknown publishers {set(seen) - set(want)}")
 
 
-async def phase(args: argparse.Namespace, pub_run: Run, sub_run: Run, measured: ServerProcess) -> dict[str, Any]:
-    """Publishers on ``pub_run``'s server, subscribers on ``sub_run``'s; ``measured``'s CPU over the phase."""
+async def phase(args: argparse.Namespace, pub_run: Run, sub_run: Run, measured: ServerProcess,
+                servers: dict[str, ServerProcess]) -> dict[str, Any]:
+    """Publishers on ``pub_run``'s server, subscribers on ``sub_run``'s; ``measured``'s CPU per delivery, and
+    every server's (and this client's) CPU utilisation over the phase."""
     room = f"bench-{uuid.uuid4().hex[:8]}"
     total = args.publishers * args.messages
     pubs = await pub_run.open(
@@ -116,6 +119,8 @@ async def phase(args: argparse.Namespace, pub_run: Run, sub_run: Run, measured: 
     await asyncio.sleep(0.3)  # the last probes arrive before the counting starts
     frames = [b"".join(message_frame(p, n, args.size) for n in range(args.messages)) for p in range(args.publishers)]
     cpu_before = sum(measured.cpu())
+    others_before = {name: sum(p.cpu()) for name, p in servers.items()}
+    own_before = sum(os.times()[:2])
     started = time.perf_counter()
     for pub, data in zip(pubs, frames, strict=True):
         pub.send(data)
@@ -127,6 +132,8 @@ async def phase(args: argparse.Namespace, pub_run: Run, sub_run: Run, measured: 
         raise AssertionError(f"not every message arrived within {args.timeout} s: {short[:5]}") from None
     elapsed = time.perf_counter() - started
     cpu = sum(measured.cpu()) - cpu_before
+    utilisation = {name: round((sum(p.cpu()) - others_before[name]) / elapsed, 2) for name, p in servers.items()}
+    utilisation["client"] = round((sum(os.times()[:2]) - own_before) / elapsed, 2)
     deadline = time.monotonic() + args.timeout
     while any(p.acks < args.messages for p in pubs) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
@@ -147,13 +154,17 @@ async def phase(args: argparse.Namespace, pub_run: Run, sub_run: Run, measured: 
         "deliveries_per_s": deliveries / elapsed,
         "server_cpu_s": cpu,
         "us_per_delivery": cpu / deliveries * 1e6,
+        "cpu_utilisation": utilisation,
     }
 
 
 async def run(args: argparse.Namespace, a: tuple[str, int], b: tuple[str, int]) -> dict[str, Any]:
     run_a, run_b = Run(a[0], a[1]), Run(b[0], b[1])
-    local = await phase(args, run_a, run_a, run_a.server)
-    remote = await phase(args, run_a, run_b, run_b.server)
+    servers = {"A": run_a.server, "B": run_b.server}
+    if args.broker_pid:
+        servers["broker"] = ServerProcess(args.broker_pid)
+    local = await phase(args, run_a, run_a, run_a.server, servers)
+    remote = await phase(args, run_a, run_b, run_b.server, servers)
     for r in (run_a, run_b):
         if r.errors or r.unexpected_closes:
             raise AssertionError(f"client failures: {r.errors} {dict(r.unexpected_closes)}")
@@ -171,6 +182,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="runs, each with a fresh pair of servers")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a phase may take")
     parser.add_argument("--json", action="store_true", help="print each run's figures as one JSON line too")
+    parser.add_argument("--broker-pid", type=int, default=None,
+                        help="the broker's process, to report its CPU utilisation too (redis-server's pid, say)")
     args = parser.parse_args()
     if not 1 <= args.publishers <= 999:
         parser.error("--publishers must be 1 to 999")
@@ -191,7 +204,8 @@ def main() -> None:
             f"{remote['deliveries_per_s']:,.0f} deliveries/s on B ({remote['seconds']:.2f} s); "
             f"CPU per delivery: B (through the broker) {remote['us_per_delivery']:.2f} us, "
             f"A (local, {local['messages_per_s']:,.0f} messages/s) {local['us_per_delivery']:.2f} us, "
-            f"ratio {result['ratio']:.2f}; every message once and in order",
+            f"ratio {result['ratio']:.2f}; every message once and in order; CPU utilisation (cores) local "
+            f"{local['cpu_utilisation']}, remote {remote['cpu_utilisation']}",
             flush=True,
         )
         if args.json:

@@ -259,6 +259,8 @@ class PubSubBroker:
         self._sent: deque[tuple[int, bytes]] = deque(maxlen=replay)  # the last items sent, for replays
         self._replay: list[bytes] = []  # envelopes to send again (another node asked)
         self._node_json = orjson.dumps(node)
+        # how every envelope we send begins (batches and _pack's alike: "n" first, no spaces)
+        self._own_prefix = b'{"n":' + self._node_json + b","
         self._control: list[bytes] = []  # sync requests, sent before anything else
         self._peers: dict[str, Peer] = {}
         self._presence: bytes | None = None  # the newest heartbeat, not yet sent
@@ -406,8 +408,13 @@ class PubSubBroker:
 
     async def _listen_into(self, sink: Sink) -> None:
         """Hand each envelope received to ``sink`` until the subscription fails. Each is on its own: a
-        malformed one or a sink that raises costs that envelope, not the connection and all behind it."""
+        malformed one or a sink that raises costs that envelope, not the connection and all behind it.
+        Our own envelopes come back too (one channel for all): they are known by their first bytes and
+        skipped undecoded, which on the publishing instance is a decode of everything it publishes saved."""
+        own = self._own_prefix
         async for data in self._listen():
+            if data.startswith(own):
+                continue
             try:
                 envelope = _decode(data)
             except (ValueError, RecursionError) as exc:
