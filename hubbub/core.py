@@ -13,7 +13,8 @@ through its public methods:
 - ``decode_event``, ``OutboundMessage``: strict JSON in, frames out, encoded once.
 - ``BoundedDeflate``, ``SizeLimit``: wsproto extensions that bound inflating and message size.
 - ``Router``: path templates to ``Endpoint``s, the routes' handlers.
-- ``Gatekeeper``: the handshake as a pure decision: ``Refuse``, ``ServeHttp`` or ``Upgrade``.
+- ``Gatekeeper``: the handshake as a pure decision: ``Refuse``, ``ServeHttp``, ``CallEndpoint`` (an
+  ``HttpEndpoint`` of the server API, answered on a keep-alive connection) or ``Upgrade``.
 - ``Timers``: one heap of deadlines, by ``TimerKind``.
 - ``Connection``: one client: its parsers, output queue, rate bucket and keepalive; and the
   API handlers use (they are never handed the server).
@@ -66,6 +67,7 @@ from wsproto.utilities import generate_accept_token
 
 __all__ = [
     "Ack",
+    "CallEndpoint",
     "Config",
     "Connection",
     "Decision",
@@ -74,7 +76,10 @@ __all__ = [
     "Failure",
     "Gatekeeper",
     "History",
+    "HttpEndpoint",
+    "HttpError",
     "HttpReply",
+    "HttpRequest",
     "HttpRoute",
     "Match",
     "Metrics",
@@ -276,6 +281,7 @@ class Metrics:
         "deliveries",
         "duplicates",
         "failures",
+        "http",
         "messages_in",
         "rejections",
         "slow_consumers",
@@ -290,6 +296,7 @@ class Metrics:
         self.rejections: dict[int, int] = {}  # HTTP status -> handshakes refused with it
         self.duplicates = 0  # broker messages dropped as already delivered
         self.failures: dict[str, int] = {}  # where -> exceptions contained there (see ``Failure``)
+        self.http: dict[tuple[str, int], int] = {}  # (HttpEndpoint name, status) -> requests answered
 
 # ---------------------------------------------------------------------------
 # Frames: server frames are unmasked, so one frame's bytes serve every recipient
@@ -607,6 +614,9 @@ class Endpoint:
     """Send ``token_expiring`` before a token's ``exp`` (30 s ahead, or at half its life if shorter)."""
     refs: bool = False
     """Errors the core answers itself (``missing_event``, ``unknown_event``) carry the event's ``ref``."""
+    joins: bool = False
+    """Clients join and leave rooms at run time (``/ws``): a user removed from a room (``Server.disconnect``)
+    leaves it and hears ``left``; on other routes the room is the connection's, which is closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -728,11 +738,14 @@ _HTTP_REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
     426: "Upgrade Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 
 
@@ -746,23 +759,72 @@ Verifier = Callable[[str], Mapping[str, Any]]
 """Checks a bearer token and returns its claims, or raises ``Unauthorized``."""
 
 
+class HttpRequest(NamedTuple):
+    """One HTTP request for an ``HttpEndpoint``, its body read whole."""
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    """The query string's fields, decoded strictly (the last of a repeated name wins)."""
+    headers: Mapping[bytes, bytes]
+    """Names lower-case, repeated ones joined with ", "."""
+    body: bytes
+
+
+class HttpError(Exception):
+    """Raised by an ``HttpEndpoint``'s handler: answer ``status`` with ``{"error": code, "detail": detail}``
+    (and ``headers``); the connection stays open for the next request."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = tuple(headers)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpEndpoint:
+    """An HTTP route with a body and a JSON answer, on a keep-alive connection (the server API).
+
+    ``handler(conn, request)`` returns the ``HttpReply`` at once, or None when the answer comes
+    later: it emitted an effect whose reply names ``conn.id`` (``Stored`` through ``conn.publish``,
+    ``History``), and the server answers when the backend does (``ack`` as ``{"id","ts"}``,
+    ``history_reply`` as ``{"room","messages"}``, their failures as 503). A body over
+    ``Config.max_message_size`` is 413, one that does not arrive within ``handshake_timeout`` 408;
+    a method not in ``methods`` 405. Requests are counted in ``Metrics.http`` by ``name`` and status."""
+
+    handler: Callable[[Connection, HttpRequest], HttpReply | None]
+    methods: tuple[str, ...] = ("GET",)
+    name: str = ""
+
+
 def http_response(
     status: int,
     body: bytes = b"",
     content_type: str = "text/plain; charset=utf-8",
     headers: Iterable[tuple[str, str]] = (),
+    keep_alive: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection."""
+    """A complete HTTP/1.1 response; it closes the connection unless ``keep_alive``."""
     lines = [f"HTTP/1.1 {status} {_HTTP_REASONS.get(status, 'Error')}"]
     lines += [f"{k}: {v}" for k, v in headers]
-    lines += [
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        "",
-        "",
-    ]
+    lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    if not keep_alive:
+        lines.append("Connection: close")
+    lines += ["", ""]
     return "\r\n".join(lines).encode("latin-1") + body
+
+
+def json_error(code: str, detail: str) -> bytes:
+    """An HTTP endpoint's error body: ``{"error": code, "detail": detail}``."""
+    return _encode_json({"error": code, "detail": detail}).encode()
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 408: "timeout", 413: "too_large", 431: "headers_too_large",
+                 500: "internal", 503: "unavailable", 504: "timeout"}
+"""The ``error`` code of an HTTP endpoint's refusal, by status."""
 
 
 class RequestHead(NamedTuple):
@@ -772,6 +834,7 @@ class RequestHead(NamedTuple):
     target: bytes
     headers: list[tuple[bytes, bytes]]
     """(name as sent, value), in order."""
+    http_version: bytes = b"1.1"
 
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
@@ -817,6 +880,10 @@ class Refuse:
     headers: tuple[tuple[str, str], ...] = ()
     failure: Exception | None = None
     """An exception contained while deciding (a token verifier's surprise): the server counts it."""
+    json: bool = False
+    """Answer as an ``HttpEndpoint`` does: ``{"error", "detail"}`` (a request under its path prefix)."""
+    endpoint: str = ""
+    """The ``HttpEndpoint`` refused, for ``Metrics.http`` ("unknown": none under its prefix)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -848,7 +915,20 @@ class Upgrade:
     """The ``101 Switching Protocols`` answer."""
 
 
-Decision = Refuse | ServeHttp | Upgrade
+@dataclass(frozen=True, slots=True)
+class CallEndpoint:
+    """Decision: a request for an ``HttpEndpoint``: read its body, then call it."""
+
+    endpoint: HttpEndpoint
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[bytes, bytes]
+    keep_alive: bool
+    """HTTP/1.1 without ``Connection: close``: the connection waits for the next request after the answer."""
+
+
+Decision = Refuse | ServeHttp | CallEndpoint | Upgrade
 
 
 _BEARER = (("WWW-Authenticate", 'Bearer realm="hubbub"'),)
@@ -862,12 +942,20 @@ class Gatekeeper:
     needs come in as arguments, and the server carries the decision out."""
 
     def __init__(
-        self, router: Router, config: Config, http_routes: Mapping[str, HttpRoute], verifier: Verifier | None
+        self,
+        router: Router,
+        config: Config,
+        http_routes: Mapping[str, HttpRoute | HttpEndpoint],
+        verifier: Verifier | None,
     ) -> None:
         self.router = router
         self.config = config
         self.http_routes = http_routes
         self.verifier = verifier
+        # the path prefixes of the HttpEndpoints ("/api/"): requests under them are refused in JSON
+        self._json_prefixes = tuple(
+            {path.rsplit("/", 1)[0] + "/" for path, route in http_routes.items() if isinstance(route, HttpEndpoint)}
+        )
 
     def decide(self, request: RequestHead, from_address: int, open_connections: int) -> Decision:
         """What to do with ``request``; ``from_address`` counts the sockets its client's address has
@@ -892,7 +980,7 @@ class Gatekeeper:
         if cfg.allowed_hosts is not None and not self._host_allowed(headers.get(b"host")):
             return Refuse(400, "invalid Host header")
         if b"websocket" not in headers.get(b"upgrade", b"").lower():
-            return self._plain_http(request.method, split.path, headers)
+            return self._plain_http(request, split.path, split.query, headers)
         try:
             match = self.router.match(split.path)
         except ValueError as exc:
@@ -949,8 +1037,11 @@ class Gatekeeper:
             return "holds control characters"
         return None
 
-    def _plain_http(self, method: bytes, path: str, headers: Mapping[bytes, bytes]) -> Decision:
+    def _plain_http(self, request: RequestHead, path: str, query: str, headers: Mapping[bytes, bytes]) -> Decision:
+        method = request.method
         route = self.http_routes.get(path)
+        if isinstance(route, HttpEndpoint):
+            return self._call_endpoint(route, request, path, query, headers)
         if route is None:
             try:
                 websocket_route = self.router.match(path) is not None
@@ -958,10 +1049,30 @@ class Gatekeeper:
                 websocket_route = True  # a route's path with a bad parameter: still not plain HTTP
             if websocket_route:
                 return Refuse(426, "this is a WebSocket endpoint", (("Upgrade", "websocket"),))
+            if self._json_prefixes and path.startswith(self._json_prefixes):
+                return Refuse(404, "no such endpoint", json=True, endpoint="unknown")
             return Refuse(404, "not found")
         if method not in (b"GET", b"HEAD"):
             return Refuse(405, "method not allowed", (("Allow", "GET, HEAD"),))
         return ServeHttp(route, method == b"HEAD", headers)
+
+    def _call_endpoint(
+        self, endpoint: HttpEndpoint, request: RequestHead, path: str, query: str, headers: Mapping[bytes, bytes]
+    ) -> Decision:
+        method = request.method.decode("ascii")
+        name = endpoint.name
+        if method not in endpoint.methods:
+            allow = (("Allow", ", ".join(endpoint.methods)),)
+            return Refuse(405, "method not allowed", allow, json=True, endpoint=name)
+        length = headers.get(b"content-length")  # h11 checked it; the fast path takes no request with one
+        if length is not None and (not length.isdigit() or int(length) > self.config.max_message_size):
+            return Refuse(413, f"the body is over {self.config.max_message_size} bytes", json=True, endpoint=name)
+        try:
+            fields = dict(parse_qsl(query, errors="strict", max_num_fields=self.config.max_headers))
+        except (UnicodeDecodeError, ValueError):
+            return Refuse(400, "bad query string (not UTF-8, or too many fields)", json=True, endpoint=name)
+        keep_alive = request.http_version == b"1.1" and b"close" not in headers.get(b"connection", b"").lower()
+        return CallEndpoint(endpoint, method, path, fields, headers, keep_alive)
 
     def _authenticate(
         self, match: Match, query: Mapping[str, str], headers: Mapping[bytes, bytes]
@@ -1090,6 +1201,7 @@ class TimerKind(enum.Enum):
     PRESENCE = "presence"  # a Room: its presence window ends
     NODE_EXPIRY = "node expiry"  # another instance's node tag: its heartbeats may have stopped
     ANNOUNCE = "announce"  # none: this instance's presence changed, the broker should tell the others
+    ANSWER_DUE = "answer due"  # an Exchange: the backend has not answered an HTTP endpoint's request, 504
 
 
 class Timers:
@@ -1188,8 +1300,32 @@ class Outbox:
 NO_META = b"{}"
 """The presence metadata of a connection that gave none (and of every v1 chat member)."""
 
+CLOSE_REMOVED = 4001
+"""Close code: the server API disconnected this user (``/api/disconnect``); PROTOCOL.md section 2."""
+
+CONTROL_ROOM = "\x00hubbub"
+"""The broker room of commands between instances (``Server.disconnect``): no client can name a room
+with a control character in it, so none can join or publish here."""
+
+BACKEND_TIMEOUT = 30.0
+"""Seconds an ``HttpEndpoint``'s request waits for its backend's answer (the store's ack); then 504."""
+
 REPLY_ALLOWANCE = 4
 """Replies a client asked for may queue up to this many times ``max_buffer`` before it is a slow consumer."""
+
+
+class Exchange:
+    """One HTTP request to an ``HttpEndpoint`` on its way: its body arriving, then (``waiting``) its
+    answer, when a backend gives it. A connection has at most one (keep-alive: one after another)."""
+
+    __slots__ = ("call", "conn_id", "parts", "size", "waiting")
+
+    def __init__(self, conn_id: int, call: CallEndpoint) -> None:
+        self.conn_id = conn_id
+        self.call = call
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.waiting = False
 
 
 class Connection:
@@ -1215,6 +1351,7 @@ class Connection:
         "_bucket",
         "_config",
         "_deflate",
+        "_exchange",
         "_fast",
         "_http",
         "_inbox",
@@ -1275,6 +1412,7 @@ class Connection:
         self._outbox = outbox
         self._config = config
         self._http: h11.Connection | None = None  # made only for a request the fast path leaves to it
+        self._exchange: Exchange | None = None  # a request to an HttpEndpoint, until it is answered
         self._ws: WSConnection | None = None  # wsproto, made when first needed (see ``_engine``)
         self._upgraded = False  # a WebSocket (its engine may not be made yet)
         self._deflate: BoundedDeflate | None = None  # permessage-deflate, if agreed
@@ -1438,6 +1576,11 @@ class Connection:
         """Go on with a new token's ``claims`` (its ``exp``: ``expires``): the old one's expiry is off."""
         self._server.renew(self, claims, expires)
 
+    def disconnect(self, user: str, room: str | None = None) -> int:
+        """Remove ``user``'s connections on every instance (a server API request): from ``room`` only, or
+        all of them, closed with 4001. Returns how many this instance had."""
+        return self._server.disconnect(user, room)
+
     def reply_raw(self, body: bytes) -> None:
         """``reply`` with an event that is already encoded JSON (``body``, UTF-8): a big state spliced
         together from parts encoded once."""
@@ -1476,7 +1619,54 @@ class Connection:
         if not isinstance(event, h11.Request):
             return Refuse(400, "bad request")
         self._inbox = http.trailing_data[0]
-        return RequestHead(event.method, event.target, event.headers.raw_items())
+        return RequestHead(event.method, event.target, event.headers.raw_items(), event.http_version)
+
+    @property
+    def exchange(self) -> Exchange | None:
+        """The ``HttpEndpoint`` request in progress (its body arriving, or its answer awaited)."""
+        return self._exchange
+
+    def begin_exchange(self, call: CallEndpoint) -> None:
+        self._exchange = Exchange(self.id, call)
+
+    def read_body(self, data: bytes) -> bytes | Refuse | None:
+        """Body bytes in (``data`` may be b"": what came with the head); the whole body once it is here,
+        None until then, or the refusal it gets (413 past ``max_message_size``, 400 if malformed)."""
+        exchange = self._exchange
+        assert exchange is not None
+        http = self._http
+        if http is None:  # the fast path took the request: it has no body
+            return b""
+        limit = self._config.max_message_size
+        try:
+            if data:
+                http.receive_data(data)
+            while True:
+                event = http.next_event()
+                if event is h11.NEED_DATA:
+                    return None
+                if type(event) is h11.Data:
+                    exchange.size += len(event.data)
+                    if exchange.size > limit:
+                        return Refuse(413, f"the body is over {limit} bytes", json=True)
+                    exchange.parts.append(bytes(event.data))
+                elif type(event) is h11.EndOfMessage:
+                    self._inbox = http.trailing_data[0]  # a pipelined next request, if any
+                    self._http = None
+                    return b"".join(exchange.parts)
+                else:
+                    return Refuse(400, "bad request body", json=True)
+        except h11.RemoteProtocolError as exc:
+            return Refuse(exc.error_status_hint, f"bad request: {exc}", json=True)
+
+    def end_exchange(self) -> None:
+        self._exchange = None
+
+    def buffer_request(self, data: bytes) -> bool:
+        """Keep bytes of a pipelined request that arrived while an answer is awaited; False when the
+        client sent more than one request head and body may hold (it is not waiting for answers)."""
+        self._inbox += data
+        return len(self._inbox) <= self._config.max_header_bytes + self._config.max_message_size
 
     @property
     def trailing(self) -> bytes:
@@ -1755,6 +1945,7 @@ class Connection:
         self.backlogged = False
         self._ws = None
         self._http = None
+        self._exchange = None
         self._upgraded = False
         self._deflate = None
         self._inbox, self._at = b"", 0
@@ -2626,7 +2817,10 @@ class Server:
         self._now = now
         try:
             if conn.backlogged:
-                self._process_frames(conn, self.config.frames_per_pass)
+                if conn.state is State.HANDSHAKE:
+                    self._serve_requests(conn, b"")
+                else:
+                    self._process_frames(conn, self.config.frames_per_pass)
         except Exception as exc:
             self._contain("receive", conn, exc)
         self._settle()
@@ -2640,7 +2834,12 @@ class Server:
             conn, deadline = next(iter(handshaking.items()))
             if deadline > now:
                 break
-            self.abort(conn)  # it never finished its request (and abort takes it off the list)
+            exchange = conn.exchange
+            if exchange is not None:  # an endpoint's body that never completed: 408
+                name = exchange.call.endpoint.name
+                self._refuse(conn, Refuse(408, "the request body did not arrive in time", json=True, endpoint=name))
+            else:
+                self.abort(conn)  # it never finished its request (or its next one), and abort takes it off the list
         timers = self._timers
         while (due := timers.pop_due(now)) is not None:
             kind, target, seq = due
@@ -2738,6 +2937,13 @@ class Server:
             if self._cluster.duplicate(node, payload.get("id")):
                 self.metrics.duplicates += 1
                 return None
+        if room == CONTROL_ROOM:
+            try:
+                self._control(payload)
+            except Exception as exc:
+                self._contain("deliver", None, exc)
+            self._settle()
+            return None
         try:
             count: int | None = self.broadcast(room, payload)
         except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
@@ -2754,7 +2960,9 @@ class Server:
                 conn = connections.get(conn_id)
                 if conn is not None:
                     try:
-                        if ts is None:
+                        if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
+                            self._backend_answered(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
+                        elif ts is None:
                             conn.send({"event": "ack", "ref": ref, "id": message_id})
                         else:
                             conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
@@ -2766,7 +2974,9 @@ class Server:
         """The store could not keep these messages: each sender gets an ``unavailable`` error."""
         for ack in acks:
             conn = self.connections.get(ack.conn_id)
-            if conn is not None:
+            if conn is not None and conn.state is State.HANDSHAKE:
+                self._backend_answered(conn, 503, json_error("unavailable", detail))
+            elif conn is not None:
                 error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
                 if ack.ref is not None:
                     error["ref"] = ack.ref
@@ -2788,6 +2998,11 @@ class Server:
         if conn is not None:
             try:
                 page = history_page(room, messages, self.config.max_buffer)
+                if conn.state is State.HANDSHAKE:  # an HttpEndpoint's request: {"room", "messages"}
+                    del page["event"]
+                    self._backend_answered(conn, 200, self.config.codec.dumps(page))
+                    self._settle()
+                    return
                 if ref is not None:
                     page["ref"] = ref
                 conn.reply(page)
@@ -2799,7 +3014,10 @@ class Server:
         """The store could not answer a ``History`` effect."""
         conn = self.connections.get(conn_id)
         if conn is not None:
-            conn.error("unavailable", detail, ref=ref, room=room)
+            if conn.state is State.HANDSHAKE:
+                self._backend_answered(conn, 503, json_error("unavailable", detail))
+            else:
+                conn.error("unavailable", detail, ref=ref, room=room)
             self._settle()
 
     def set_available(self, backend: str, up: bool) -> None:
@@ -2944,6 +3162,35 @@ class Server:
         """A unique, time-ordered message id (``IdClock``)."""
         return self._ids.next(self._now)
 
+    def disconnect(self, user: str, room: str | None = None, everywhere: bool = True) -> int:
+        """Remove ``user``'s connections here, and (``everywhere``) tell the other instances to: with
+        ``room``, a ``/ws`` connection leaves it (``left``, reason ``removed``) and a v1 member of it is
+        closed; without, every connection of the user is closed with 4001. Returns how many were here."""
+        removed = 0
+        for conn in list(self.connections.values()):
+            if conn.user != user or conn.state is not State.OPEN:
+                continue
+            if room is None:
+                self.send_close(conn, CLOSE_REMOVED, "disconnected by the server")
+            elif not conn.in_room(room):
+                continue
+            elif conn.endpoint is not None and conn.endpoint.joins:
+                self._rooms.leave(conn, room, self._now)
+                conn.send({"event": "left", "room": room, "reason": "removed"})
+            else:
+                self.send_close(conn, CLOSE_REMOVED, "removed from the room")
+            removed += 1
+        if everywhere:
+            command = {"event": "disconnect", "user": user, "room": room, "id": self.new_id()}
+            self._effects.append(Publish(CONTROL_ROOM, command))
+        return removed
+
+    def _control(self, command: Mapping[str, Any]) -> None:
+        """A command from another instance, on ``CONTROL_ROOM``."""
+        user, room = command.get("user"), command.get("room")
+        if command.get("event") == "disconnect" and isinstance(user, str) and (room is None or isinstance(room, str)):
+            self.disconnect(user, room, everywhere=False)
+
     def _presence_changed(self) -> None:
         """This instance's presence changed: the shell hears of it (``PresenceChanged``) once per
         presence window at most, however many joins and leaves it held (a heartbeat holds every
@@ -2958,19 +3205,121 @@ class Server:
         if not data:
             self.abort(conn)
             return
-        request = conn.read_request(data)
-        if request is None:
-            return
-        if isinstance(request, Refuse):
-            decision: Decision = request
-        else:
-            decision = self._gate.decide(request, self._addresses.get(conn.address, 0), self.open_count)
-        if isinstance(decision, Upgrade):
-            self._accept(conn, decision, conn.trailing)
-        elif isinstance(decision, ServeHttp):
-            self._serve_http(conn, decision)
-        else:
-            self._refuse(conn, decision)
+        exchange = conn.exchange
+        if exchange is None:
+            self._serve_requests(conn, data)
+        elif exchange.waiting:  # a pipelined request behind one whose answer is awaited: kept for after it
+            if not conn.buffer_request(data):
+                self.abort(conn)
+        elif self._read_body(conn, data):
+            self._serve_requests(conn, b"")
+
+    def _serve_requests(self, conn: Connection, data: bytes) -> None:
+        """The connection's requests, one after another while each is answered at once and keeps the
+        connection alive (pipelined API requests): at most ``frames_per_pass`` of them per pass, like
+        frames; the rest waits for ``resume``."""
+        conn.backlogged = False
+        budget = self.config.frames_per_pass
+        while True:
+            request = conn.read_request(data)
+            data = b""
+            if request is None:
+                return
+            if isinstance(request, Refuse):
+                decision: Decision = request
+            else:
+                decision = self._gate.decide(request, self._addresses.get(conn.address, 0), self.open_count)
+            if isinstance(decision, CallEndpoint):
+                conn.begin_exchange(decision)
+                if not self._read_body(conn, b""):
+                    return
+            elif isinstance(decision, Upgrade):
+                self._accept(conn, decision, conn.trailing)
+                return
+            elif isinstance(decision, ServeHttp):
+                self._serve_http(conn, decision)
+                return
+            else:
+                self._refuse(conn, decision)
+                return
+            budget -= 1
+            if not conn.trailing:
+                return
+            if budget <= 0:
+                conn.backlogged = True
+                return
+
+    def _read_body(self, conn: Connection, data: bytes) -> bool:
+        """Body bytes for the connection's ``HttpEndpoint`` request; once it is whole, the endpoint is
+        called. True when it was answered and the connection waits for its next request."""
+        body = conn.read_body(data)
+        if body is None:
+            return False
+        if isinstance(body, Refuse):
+            self._refuse(conn, body)
+            return False
+        exchange = conn.exchange
+        assert exchange is not None
+        call = exchange.call
+        request = HttpRequest(call.method, call.path, call.query, call.headers, body)
+        try:
+            reply = call.endpoint.handler(conn, request)
+        except HttpError as exc:
+            return self._answer_exchange(conn, exc.status, json_error(exc.code, exc.detail), exc.headers)
+        except Exception as exc:  # the endpoint's bug: 500 for this request, the server goes on
+            self._count_failure("http", conn, exc)
+            return self._answer_exchange(conn, 500, json_error("internal", "internal error"))
+        if reply is None:  # a backend answers: ack, history_reply or their failures
+            exchange.waiting = True
+            self._handshaking.pop(conn, None)
+            self._timers.schedule(self._now + BACKEND_TIMEOUT, TimerKind.ANSWER_DUE, exchange)
+            return False
+        status, reply_body, content_type, *own = reply
+        return self._answer_exchange(conn, status, reply_body, own[0] if own else (), content_type)
+
+    def _answer_exchange(
+        self,
+        conn: Connection,
+        status: int,
+        body: bytes,
+        headers: Iterable[tuple[str, str]] = (),
+        content_type: str = "application/json",
+    ) -> bool:
+        """Answer the connection's ``HttpEndpoint`` request; True when the connection stays open for the
+        next one (keep-alive, and the client is reading its answers)."""
+        exchange = conn.exchange
+        if exchange is None:
+            return False  # answered already (a late backend reply after a 504)
+        call = exchange.call
+        conn.end_exchange()
+        keep_alive = call.keep_alive and conn.outbound_size <= self.config.max_buffer
+        extra = list(headers)
+        if not any(name.lower() == "cache-control" for name, _ in extra):
+            extra.append(("Cache-Control", "no-store"))
+        conn.answer(status, http_response(status, body, content_type, extra, keep_alive))
+        counts = self.metrics.http
+        key = (call.endpoint.name, status)
+        counts[key] = counts.get(key, 0) + 1
+        if not keep_alive:
+            self._closed(conn)
+            return False
+        handshaking = self._handshaking  # the next request has the handshake timeout to arrive
+        handshaking.pop(conn, None)
+        handshaking[conn] = self._now + self.config.handshake_timeout
+        return True
+
+    def _backend_answered(self, conn: Connection, status: int, body: bytes) -> None:
+        """A backend's answer to the connection's waiting ``HttpEndpoint`` request; then its pipelined
+        requests, if it sent some meanwhile."""
+        exchange = conn.exchange
+        if exchange is not None and exchange.waiting and self._answer_exchange(conn, status, body):
+            self._serve_requests(conn, b"")
+
+    def _answered_late(self, exchange: Exchange) -> None:
+        """``ANSWER_DUE``: the backend has not answered the request in ``BACKEND_TIMEOUT``: 504."""
+        conn = self.connections.get(exchange.conn_id)
+        if conn is not None and conn.exchange is exchange:
+            self._backend_answered(conn, 504, json_error("timeout", "the backend did not answer in time"))
 
     def _accept(self, conn: Connection, upgrade: Upgrade, trailing: bytes) -> None:
         cfg = self.config
@@ -3000,10 +3349,19 @@ class Server:
         """Refuse with a real HTTP response, then close: never accept-then-close."""
         if refusal.failure is not None:
             self._count_failure("verifier", None, refusal.failure)
-        body = (refusal.reason + "\n").encode()
-        conn.answer(refusal.status, http_response(refusal.status, body, headers=refusal.headers))
+        status = refusal.status
+        if refusal.json:
+            body = json_error(_STATUS_CODES.get(status, "bad_request"), refusal.reason)
+            response = http_response(status, body, "application/json", refusal.headers)
+            counts = self.metrics.http
+            key = (refusal.endpoint, status)
+            counts[key] = counts.get(key, 0) + 1
+        else:
+            response = http_response(status, (refusal.reason + "\n").encode(), headers=refusal.headers)
+        conn.end_exchange()
+        conn.answer(status, response)
         rejections = self.metrics.rejections
-        rejections[refusal.status] = rejections.get(refusal.status, 0) + 1
+        rejections[status] = rejections.get(status, 0) + 1
         self._closed(conn)
 
     # -- frames ----------------------------------------------------------------------
@@ -3170,6 +3528,9 @@ class Server:
         if kind is TimerKind.ANNOUNCE:
             self._presence_dirty = False
             self._effects.append(PresenceChanged())
+            return
+        if kind is TimerKind.ANSWER_DUE:
+            self._answered_late(target)
             return
         conn = self.connections.get(target)
         if conn is None:

@@ -62,7 +62,7 @@ from hubbub.backends.store import (
     open_store,
     parse_retention,
 )
-from hubbub.handlers import build_router, page
+from hubbub.handlers import api, build_router, page
 
 log = logging.getLogger("hubbub")
 
@@ -1132,6 +1132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "its intermediates); needs --tls-key. SIGHUP reloads both files without dropping connections",
     )
     parser.add_argument("--tls-key", default=_env("tls_key"), metavar="FILE", help="the PEM private key of --tls-cert")
+    parser.add_argument(
+        "--api-key", default=_env("api_key"), metavar="KEY",
+        help="turns on the server API (/api/publish, /api/history, /api/presence, /api/disconnect) for requests "
+        "with 'Authorization: Bearer KEY'; several keys separated by commas, to rotate one (also HUBBUB_API_KEY)",
+    )
     parser.add_argument("--jwt-audience", default=_env("jwt_audience"), help="required 'aud' claim of tokens")
     parser.add_argument("--jwt-issuer", default=_env("jwt_issuer"), help="required 'iss' claim of tokens")
     skip = {"compression", "allowed_origins", "allowed_hosts", "node", "codec", "read_only_rooms"}
@@ -1235,7 +1240,10 @@ async def serve(
     )
     server = core.Server(
         build_router(config), config,
-        http_routes={"/": page.index, "/hubbub.js": page.client_js, "/metrics": metrics.render},
+        http_routes={
+            "/": page.index, "/hubbub.js": page.client_js, "/metrics": metrics.render,
+            **api.build(api.parse_keys(args.api_key)),
+        },
         verifier=verifier_from(args),
     )
     if args.worker is not None and isinstance(store, SQLiteStore):

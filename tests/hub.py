@@ -99,9 +99,9 @@ class Hub:
     ``server.effects()`` and answer itself.
     """
 
-    def __init__(self, verifier: Any = None, carry_out: bool = True, **config: Any) -> None:
+    def __init__(self, verifier: Any = None, carry_out: bool = True, http_routes: Any = None, **config: Any) -> None:
         self.config = core.Config(**config)
-        self.server = core.Server(build_router(self.config), self.config, verifier=verifier)
+        self.server = core.Server(build_router(self.config), self.config, http_routes=http_routes, verifier=verifier)
         self.now = 1_700_000_000.0
         self.peers: dict[core.Connection, Peer] = {}
         self.store = MemoryStore()
@@ -113,15 +113,17 @@ class Hub:
 
     def pump(self) -> None:
         server = self.server
-        for effect in server.effects() if self.carry_out else ():
-            self.effects.append(effect)
-            if isinstance(effect, core.Stored):
-                self.store.add(effect.room, effect.message)
-                if effect.ack is not None:
-                    server.ack([effect.ack])
-            elif isinstance(effect, core.History):
-                page = self.store.history(effect.room, effect.limit, effect.before, effect.after)
-                server.history_reply(effect.conn_id, effect.room, page, effect.ref)
+        # an answer may make more effects (a pipelined API request behind the one it answered): until none
+        while self.carry_out and (effects := server.effects()):
+            for effect in effects:
+                self.effects.append(effect)
+                if isinstance(effect, core.Stored):
+                    self.store.add(effect.room, effect.message)
+                    if effect.ack is not None:
+                        server.ack([effect.ack])
+                elif isinstance(effect, core.History):
+                    page = self.store.history(effect.room, effect.limit, effect.before, effect.after)
+                    server.history_reply(effect.conn_id, effect.room, page, effect.ref)
         for conn in self.server.pending():
             data = conn.data_to_send()
             if data:

@@ -80,6 +80,11 @@ def _core_families(backends: Any, CounterMetricFamily: Any, GaugeMetricFamily: A
     for status, n in sorted(m.rejections.items()):
         rejections.add_metric([str(status)], n)
     yield rejections
+    api = CounterMetricFamily("hubbub_api_requests", "server API requests answered, by endpoint and HTTP status",
+                              labels=["endpoint", "status"])
+    for (endpoint, status), n in sorted(m.http.items()):
+        api.add_metric([endpoint, str(status)], n)
+    yield api
     yield CounterMetricFamily("hubbub_broker_duplicates_dropped", "broker messages already delivered",
                               value=m.duplicates)
     up = GaugeMetricFamily("hubbub_backend_up", "1 while a backend is reachable", labels=["backend"])

@@ -40,8 +40,12 @@ def _ref(event: Mapping[str, Any]) -> Any:
 
 
 def _room(event: Mapping[str, Any], ref: Any) -> str:
-    """The request's room: 1 to 200 bytes of UTF-8 without control characters (``bad_room``)."""
-    room = event.get("room")
+    """The request's room (``check_room``)."""
+    return check_room(event.get("room"), ref)
+
+
+def check_room(room: Any, ref: Any = None) -> str:
+    """A room name: 1 to 200 bytes of UTF-8 without control characters (``EventError`` ``bad_room``)."""
     if not isinstance(room, str):
         raise EventError("bad_room", '"room" must be a string', ref)
     if not 0 < len(room.encode()) <= MAX_NAME_BYTES or any(c < " " or "\x7f" <= c <= "\x9f" for c in room):
@@ -211,4 +215,5 @@ endpoint = Endpoint(
     },
     warns_expiry=True,
     refs=True,
+    joins=True,
 )
