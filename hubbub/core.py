@@ -51,6 +51,7 @@ import json
 import re
 import struct
 import zlib
+from collections import deque
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -174,6 +175,19 @@ class Config:
         None, "room name patterns (globs) where no client may publish, only the server; refused with forbidden"
     )
     history_max: int = _setting(100, "largest limit a history request may ask for")
+    recover_max: int = _setting(
+        1000, "most messages a /ws join with since recovers in its joined reply; a longer gap answers "
+        "recovered false (the client pages history)"
+    )
+    recover_ring: int = _setting(
+        200, "recent messages each room with members keeps in memory, so a short reconnect recovers without "
+        "reading the store (also bounded by --recover-ring-bytes); freed with the room"
+    )
+    recover_ring_bytes: int = _setting(256 * 1024, "bytes of recent messages each room keeps in memory, at most")
+    idempotency_keys: int = _setting(
+        100_000, "publish keys (room, user, key) this instance remembers, newest first, so that a publish re-sent "
+        "with its key is acked with the original id and not stored or delivered again"
+    )
     node: str = _setting("0000", "this instance's tag inside message ids, so instances never collide")
     presence_heartbeat: float = _setting(
         2.0, "seconds between this instance's presence heartbeats through the broker (several instances)"
@@ -1515,15 +1529,19 @@ class Connection:
         """Hand an effect (``Stored``, ``Publish``, ``History``) to the shell's backends."""
         self._server.emit(effect)
 
-    def publish(self, room: str, message: dict[str, Any], ref: Any = None, v2: bool = False) -> str | None:
+    def publish(
+        self, room: str, message: dict[str, Any], ref: Any = None, v2: bool = False, key: str | None = None
+    ) -> str | None:
         """A message from this connection for ``room``: it gets its ``id`` and ``ts`` (added last),
         goes to the other members here at once, to the other instances (``Publish``) and to the
         store (``Stored``); this connection hears an ``ack`` with ``ref`` once it is stored (or
         ``unavailable`` if it could not be). Returns the id; None when the store is known to be down
         (nothing was sent, and this connection got an ``unavailable`` error with ``ref``). ``v2``:
         ``/ws``'s publish: its ack carries the ``ts`` and its errors the room, and a message over
-        ``max_message_size`` as encoded is refused (``EventError``, ``bad_field``)."""
-        return self._server.publish(self, room, message, ref, v2)
+        ``max_message_size`` as encoded is refused (``EventError``, ``bad_field``). ``key``: idempotency
+        (``PublishKeys``): a repeat of ``(room, message["user"], key)`` is acked with the original id,
+        and neither delivered nor stored again."""
+        return self._server.publish(self, room, message, ref, v2, key)
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake (the peer's close frame or ``close_timeout`` ends it)."""
@@ -1541,12 +1559,24 @@ class Connection:
         """Users present in ``room`` on every instance, sorted."""
         return self._server.presence(room)
 
-    def enter(self, room: str, meta: bytes = NO_META, watch: bool = True, ref: Any = None) -> None:
+    def enter(
+        self, room: str, meta: bytes = NO_META, watch: bool = True, ref: Any = None, since: str | None = None
+    ) -> None:
         """Join ``room`` as a ``/ws`` client: present there with ``meta`` (this connection's metadata,
         encoded JSON). The core answers ``joined``: at once without presence when it does not ``watch``;
         else at the end of the presence window, with everyone's presence, and its messages and presence
-        diffs start from there."""
-        self._server.enter(self, room, meta, watch, ref)
+        diffs start from there. ``since`` (the last message id the client saw): the ``joined`` also
+        carries what it missed (``recovered``, ``messages``), perhaps after a store read."""
+        self._server.enter(self, room, meta, watch, ref, since)
+
+    def repeat(self, room: str, user: str, key: str) -> tuple[str, Any] | None:
+        """The ``(id, ts)`` of the stored message published with this key (``PublishKeys``), if known."""
+        seen = self._server.published(room, user, key)
+        return seen if isinstance(seen, tuple) else None
+
+    def joining(self) -> int:
+        """Joins with ``since`` of this connection that wait for the store (they count as rooms)."""
+        return self._server.joining(self)
 
     def leave(self, room: str) -> bool:
         """Leave ``room`` (False: this connection was not in it)."""
@@ -2009,6 +2039,133 @@ class Connection:
 # Rooms: members, per-pass batches, presence windows
 # ---------------------------------------------------------------------------
 
+class Recovery:
+    """A ``/ws`` join with ``since``: what it waits for and, once the store has answered (when the ring
+    did not hold ``since``), the stored messages after it (``page``, as encoded) and whether the store
+    knew ``since`` in this room (``found``). Also the ``History`` request's ``ref`` for that read."""
+
+    __slots__ = ("conn_id", "found", "meta", "page", "refs", "room", "since", "watch")
+
+    def __init__(self, conn_id: int, room: str, since: str, meta: bytes, watch: bool, ref: Any) -> None:
+        self.conn_id = conn_id
+        self.room = room
+        self.since = since
+        self.meta = meta
+        self.watch = watch
+        self.refs = [ref]
+        self.page: list[tuple[str, bytes]] | None = None
+        self.found = False
+
+
+class PublishKeys:
+    """The publish keys this instance has seen: ``(room, user, key)`` -> the message's ``(id, ts)`` once
+    stored, or, until then, the acks of repeats waiting for it. The newest ``limit`` are kept. A repeat
+    of a stored key is acked with the original id at once; of one still being stored, when it is
+    (or told ``unavailable`` with it). Keys of other instances' messages come with them from the
+    broker (``known``)."""
+
+    __slots__ = ("_entries", "_limit", "_waiting")
+
+    def __init__(self, limit: int) -> None:
+        self._entries: dict[tuple[str, Any, str], tuple[str, Any] | list[Ack]] = {}
+        self._waiting: dict[str, tuple[str, Any, str]] = {}  # message id -> its key, until stored or lost
+        self._limit = limit
+
+    def lookup(self, key: tuple[str, Any, str]) -> tuple[str, Any] | list[Ack] | None:
+        return self._entries.get(key)
+
+    def storing(self, key: tuple[str, Any, str], message_id: str) -> None:
+        self._entries[key] = []
+        self._waiting[message_id] = key
+        self._trim()
+
+    def known(self, key: tuple[str, Any, str], message_id: str, ts: Any) -> None:
+        self._entries[key] = (message_id, ts)
+        self._trim()
+
+    def stored(self, message_id: str, ts: Any) -> list[Ack]:
+        """The message with this id is stored: the repeats that waited for it (and its key is now known)."""
+        key = self._waiting.pop(message_id, None) if self._waiting else None
+        if key is None:
+            return []
+        waiters = self._entries.get(key)
+        self._entries[key] = (message_id, ts)
+        return waiters if isinstance(waiters, list) else []
+
+    def lost(self, message_id: str) -> list[Ack]:
+        """The message with this id could not be stored: its key is free again; the repeats that waited."""
+        key = self._waiting.pop(message_id, None) if self._waiting else None
+        if key is None:
+            return []
+        waiters = self._entries.pop(key, None)
+        return waiters if isinstance(waiters, list) else []
+
+    def _trim(self) -> None:
+        entries = self._entries
+        while len(entries) > self._limit:
+            del entries[next(iter(entries))]
+
+
+def _below(message_id: str) -> str:
+    """A string just below ``message_id``: ``after`` it, a store's page starts at ``message_id`` itself
+    (and perhaps a few ids between the two, which the caller drops)."""
+    last = message_id[-1]
+    return message_id[:-1] if last == "\x00" else message_id[:-1] + chr(ord(last) - 1)
+
+
+class Recent:
+    """A room's newest messages as encoded, in the order its members here received them: what a short
+    reconnect recovers (``join`` with ``since``) without reading the store, and what covers the
+    messages that arrive while a longer recovery reads it. At most ``count`` messages and ``size``
+    bytes; ``evicted`` is the greatest id that left (None: nothing has), which tells whether the
+    ring still holds everything after a given id."""
+
+    __slots__ = ("_bytes", "_count", "_entries", "_size", "evicted")
+
+    def __init__(self, count: int, size: int) -> None:
+        self._entries: deque[tuple[str, bytes]] = deque()
+        self._bytes = 0
+        self._count = count
+        self._size = size
+        self.evicted: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, message_id: str, body: bytes) -> None:
+        entries = self._entries
+        entries.append((message_id, body))
+        self._bytes += len(body)
+        while len(entries) > self._count or self._bytes > self._size:
+            old_id, old = entries.popleft()
+            self._bytes -= len(old)
+            if self.evicted is None or old_id > self.evicted:
+                self.evicted = old_id
+
+    def knows(self, message_id: str) -> bool:
+        return any(entry[0] == message_id for entry in self._entries)
+
+    def since(self, message_id: str) -> list[tuple[str, bytes]] | None:
+        """What came after ``message_id``, oldest first, in this room's order here; None: not held."""
+        later: list[tuple[str, bytes]] = []
+        for entry in reversed(self._entries):  # from the newest: the cost is what was missed
+            if entry[0] == message_id:
+                later.reverse()
+                return later
+            later.append(entry)
+        return None
+
+    def after(self, boundary: str, known: Collection[str]) -> list[tuple[str, bytes]] | None:
+        """The messages with an id greater than ``boundary`` and not in ``known``, oldest first; None when
+        one such may have left the ring already."""
+        if self.evicted is not None and self.evicted > boundary:
+            return None
+        return [entry for entry in self._entries if entry[0] > boundary and entry[0] not in known]
+
+    def newest(self, count: int) -> list[tuple[str, bytes]]:
+        return list(self._entries)[-count:] if count > 0 else []
+
+
 class Room:
     """One named room: who is in it, what was broadcast to it in this pass, and its presence window.
 
@@ -2027,7 +2184,11 @@ class Room:
     go out together when it ends (``Rooms.end_window``): one diff for the watchers, and to each
     ``pending`` joiner its ``joined`` with the whole state, both encoded once. Members of v1's
     ``/presence`` route (``v1_watchers``) get v1's events instead: user names that came or went,
-    and, for those that joined in the window, the state at its end."""
+    and, for those that joined in the window, the state at its end.
+
+    Recovery: ``recent`` holds its newest messages (``Recent``); ``recoveries`` the joiners with
+    ``since`` whose ``joined`` will carry what they missed, computed when they become members;
+    ``holds`` counts store reads for a recovery that keep the room (and its ring) alive meanwhile."""
 
     __slots__ = (
         "_batch",
@@ -2037,18 +2198,24 @@ class Room:
         "_multi",
         "_newcomers",
         "groups",
+        "holds",
         "members",
         "name",
         "pending",
         "present",
+        "recent",
+        "recoveries",
         "users",
         "v1_watchers",
         "watchers",
         "window_ends",
     )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, recent: Recent) -> None:
         self.name = name
+        self.recent = recent
+        self.recoveries: dict[Connection, Recovery] = {}
+        self.holds = 0
         self.members: dict[Connection, None] = {}  # the connections its broadcasts go to
         self.groups: dict[int | None, dict[Connection, None]] = {}  # deflate window bits (None: off) -> members
         self.present: dict[Connection, bytes] = {}  # connection -> its metadata here (members and pending joiners)
@@ -2096,6 +2263,7 @@ class Room:
         self.watchers.pop(conn, None)
         self.v1_watchers.pop(conn, None)
         self.pending.pop(conn, None)
+        self.recoveries.pop(conn, None)
 
     def mark_multi(self, conn: Connection) -> None:
         """``conn`` is in other rooms too: from now on it takes this room's frames one by one."""
@@ -2106,7 +2274,7 @@ class Room:
     @property
     def empty(self) -> bool:
         """Nobody is here (and no presence window is open): the room can go."""
-        return not self.present and not self.members and self.window_ends is None
+        return not self.present and not self.members and self.window_ends is None and not self.holds
 
     # -- this pass's batch --------------------------------------------------------
 
@@ -2285,7 +2453,8 @@ class Rooms:
     def _room(self, name: str) -> Room:
         room = self.by_name.get(name)
         if room is None:
-            room = self.by_name[name] = Room(name)
+            config = self._config
+            room = self.by_name[name] = Room(name, Recent(config.recover_ring, config.recover_ring_bytes))
         return room
 
     def _become_member(self, conn: Connection, room: Room) -> None:
@@ -2319,10 +2488,15 @@ class Rooms:
             self._open_window(room, now)
         self._changed()
 
-    def enter(self, conn: Connection, name: str, meta: bytes, watch: bool, ref: Any, now: float) -> None:
+    def enter(
+        self, conn: Connection, name: str, meta: bytes, watch: bool, ref: Any, now: float,
+        recovery: Recovery | None = None,
+    ) -> None:
         """v2's join: present with ``meta``. A watcher's ``joined`` (with the whole room's presence) goes
         out when the presence window ends, and its messages start there; one that does not watch is
-        answered and a member at once. Joining a room it is in answers ``joined`` again."""
+        answered and a member at once. Joining a room it is in answers ``joined`` again. With a
+        ``recovery``, the first ``joined`` carries what was missed (``recovery_json``), computed
+        at the moment the live messages start."""
         room = self._room(name)
         if conn in room.present:
             if conn in room.pending:
@@ -2331,6 +2505,8 @@ class Rooms:
                 self.send_joined(conn, room, ref, self.state_json(room) if conn in room.watchers else None)
             return
         conn.rooms.append(room)
+        if recovery is not None:
+            room.recoveries[conn] = recovery
         if watch:
             room.pending[conn] = [ref]
         else:
@@ -2346,9 +2522,66 @@ class Rooms:
             parts += [b',"ref":', dumps(ref)]
         if presence is not None:
             parts += [b',"presence":', presence]
+        recovery = room.recoveries.pop(conn, None)
+        if recovery is not None:
+            parts.append(self.recovery_json(room, recovery))
         conn.queue_reply(encode_frame(_TEXT, b"".join(parts) + b"}") if conn.deflate_bits is None else
                          OutboundMessage(_TEXT, b"".join(parts) + b"}", self._config.compression_min_size,
                                          self._config.compression_level).frame_for(conn.deflate_bits))
+
+    def recovery_json(self, room: Room, recovery: Recovery) -> bytes:
+        """``,"recovered":B,"messages":[...]`` for a joiner that becomes a member now: every message of the
+        room after ``since`` in the order the members here got them, from the ring, or from the store's
+        page followed by what the ring got after it. ``recovered`` is false when that cannot be promised
+        (``since`` unknown here, the gap over ``recover_max`` or over half of ``max_buffer`` as encoded,
+        or the ring lost part of it meanwhile): then ``messages`` holds the newest the ring has."""
+        config = self._config
+        cap = config.recover_max
+        recent = room.recent
+        missed: list[tuple[str, bytes]] | None
+        if recovery.page is None:  # the ring held ``since`` at the join
+            missed = recent.since(recovery.since)
+        elif not recovery.found or len(recovery.page) > cap:
+            missed = None
+        else:
+            page = recovery.page
+            tail = recent.after(page[-1][0] if page else recovery.since, {entry[0] for entry in page})
+            missed = None if tail is None else page + tail
+        budget = config.max_buffer // 2
+        if missed is not None and (len(missed) > cap or sum(len(body) + 1 for _, body in missed) > budget):
+            missed = None
+        recovered = missed is not None
+        if missed is None:
+            missed, size = [], 0
+            for entry in reversed(recent.newest(cap)):
+                size += len(entry[1]) + 1
+                if size > budget:
+                    break
+                missed.append(entry)
+            missed.reverse()
+        return (b',"recovered":' + (b"true" if recovered else b"false") + b',"messages":['
+                + b",".join(body for _, body in missed) + b"]")
+
+    def publish(self, name: str, message_id: str, message: OutboundMessage, excluded: Collection[Connection]) -> int:
+        """A chat message for room ``name`` (``broadcast``), kept in its ring for recovery."""
+        room = self.by_name.get(name)
+        if room is None:
+            return 0
+        room.recent.add(message_id, message.payload)
+        if not room.batching:
+            self._batched.append(room)
+        return room.broadcast(message, excluded)
+
+    def hold(self, name: str) -> None:
+        """Keep room ``name`` (and its ring) while a recovery reads the store for it."""
+        self._room(name).holds += 1
+
+    def release(self, name: str) -> None:
+        room = self.by_name.get(name)
+        if room is not None:
+            room.holds -= 1
+            if room.empty:
+                del self.by_name[name]
 
     def leave(self, conn: Connection, name: str, now: float) -> bool:
         """``conn`` leaves room ``name`` (False: it was not in it)."""
@@ -2777,6 +3010,8 @@ class Server:
         self._handshaking: dict[Connection, float] = {}
         self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
         self._ids = IdClock(config.node)
+        self._keys = PublishKeys(config.idempotency_keys)
+        self._recovering: dict[tuple[int, str], Recovery] = {}  # joins with ``since`` waiting for the store
         self._next_id = 1
         self._now = 0.0
 
@@ -2926,6 +3161,8 @@ class Server:
         """A message from the broker (another instance) for the local members of ``room``.
 
         Returns how many members it went to, or None when it was dropped as already delivered.
+        A ``"key"`` in a dict ``payload`` (the publisher's idempotency key) is taken out of it, in
+        place, before it is delivered (or stored by the shell), and remembered.
 
         With the publishing instance's ``node`` tag, each message is delivered once and in
         order: our own messages coming back are ignored (we delivered them when they were
@@ -2944,8 +3181,17 @@ class Server:
                 self._contain("deliver", None, exc)
             self._settle()
             return None
+        key = payload.pop("key", None) if isinstance(payload, dict) else None  # for PublishKeys, not the members
+        message_id = payload.get("id")
         try:
-            count: int | None = self.broadcast(room, payload)
+            out = text_message(payload, self.config)
+            if isinstance(message_id, str):
+                count: int | None = self._rooms.publish(room, message_id, out, ())
+                if isinstance(key, str):
+                    self._keys.known((room, payload.get("user"), key), message_id, payload.get("ts"))
+            else:
+                count = self._rooms.broadcast(room, out, ())
+            self.metrics.deliveries += count or 0
         except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
             self._contain("deliver", None, exc)
             count = None
@@ -2953,25 +3199,40 @@ class Server:
         return count
 
     def ack(self, acks: Iterable[Ack]) -> None:
-        """The store committed these messages: tell each sender that is still connected."""
+        """The store committed these messages: tell each sender that is still connected (and the
+        repeats of a keyed one that waited for it)."""
         connections = self.connections
-        for conn_id, ref, message_id, ts, _ in acks:
-            if ref is not None:
-                conn = connections.get(conn_id)
+        keys = self._keys
+        for ack in acks:
+            conn = connections.get(ack.conn_id)
+            if conn is not None:
+                self._ack_one(conn, ack)
+            for waiter in keys.stored(ack.id, ack.ts):
+                conn = connections.get(waiter.conn_id)
                 if conn is not None:
-                    try:
-                        if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
-                            self._backend_answered(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
-                        elif ts is None:
-                            conn.send({"event": "ack", "ref": ref, "id": message_id})
-                        else:
-                            conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
-                    except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
-                        self._contain("ack", conn, exc)
+                    self._ack_one(conn, waiter._replace(id=ack.id, ts=ack.ts))
         self._settle()
 
+    def _ack_one(self, conn: Connection, ack: Ack) -> None:
+        _, ref, message_id, ts, _ = ack
+        if ref is None:
+            return
+        try:
+            if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
+                self._backend_answered(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
+            elif ts is None:
+                conn.send({"event": "ack", "ref": ref, "id": message_id})
+            else:
+                conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
+        except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
+            self._contain("ack", conn, exc)
+
     def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
-        """The store could not keep these messages: each sender gets an ``unavailable`` error."""
+        """The store could not keep these messages: each sender gets an ``unavailable`` error (and the
+        repeats of a keyed one that waited for it; the key is free again)."""
+        acks = list(acks)
+        for ack in list(acks):
+            acks += [waiter._replace(id=ack.id) for waiter in self._keys.lost(ack.id)]
         for ack in acks:
             conn = self.connections.get(ack.conn_id)
             if conn is not None and conn.state is State.HANDSHAKE:
@@ -2994,6 +3255,9 @@ class Server:
 
     def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]], ref: Any = None) -> None:
         """The store's answer to a ``History`` effect (with the request's ``ref``, if it had one)."""
+        if isinstance(ref, Recovery):
+            self._recovered(ref, messages)
+            return
         conn = self.connections.get(conn_id)
         if conn is not None:
             try:
@@ -3012,6 +3276,9 @@ class Server:
 
     def history_failed(self, conn_id: int, detail: str, ref: Any = None, room: str | None = None) -> None:
         """The store could not answer a ``History`` effect."""
+        if isinstance(ref, Recovery):
+            self._recovered(ref, None)  # the join goes on, recovered false
+            return
         conn = self.connections.get(conn_id)
         if conn is not None:
             if conn.state is State.HANDSHAKE:
@@ -3087,10 +3354,22 @@ class Server:
         self._effects.append(effect)
 
     def publish(
-        self, conn: Connection, room: str, message: dict[str, Any], ref: Any, v2: bool = False
+        self, conn: Connection, room: str, message: dict[str, Any], ref: Any, v2: bool = False,
+        key: str | None = None,
     ) -> str | None:
         """``Connection.publish``: the broadcast (encoded once, batched for the pass) and the two
-        effects that take the message to the broker and the store."""
+        effects that take the message to the broker and the store; with a ``key``, a repeat is only
+        acked (``PublishKeys``)."""
+        if key is not None:
+            keyed = (room, message.get("user"), key)
+            seen = self._keys.lookup(keyed)
+            if seen is not None:
+                ack = Ack(conn.id, ref, "", None, room)
+                if isinstance(seen, list):
+                    seen.append(ack)  # acked when the original is stored
+                    return None
+                self._ack_one(conn, ack._replace(id=seen[0], ts=seen[1]))
+                return seen[0]
         if not self._backends.get("store", True):
             conn.error("unavailable", "the message store is unreachable: not sent", ref, room if v2 else None)
             return None
@@ -3102,12 +3381,16 @@ class Server:
         if v2 and len(body) > config.max_message_size:
             raise EventError("bad_field", f"the message would be over {config.max_message_size} bytes", ref, room)
         out = OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level)
-        count = self._rooms.broadcast(room, out, (conn,))
+        count = self._rooms.publish(room, message_id, out, (conn,))
         self.metrics.deliveries += count
         effects = self._effects
         # the named tuples' own __new__ is a Python function; tuple.__new__ builds the same values in C
         ack = _new_tuple(Ack, (conn.id, ref, message_id, ts, room) if v2 else (conn.id, ref, message_id, None, None))
-        effects.append(_new_tuple(Publish, (room, message)))
+        if key is not None:
+            self._keys.storing(keyed, message_id)
+            effects.append(_new_tuple(Publish, (room, {**message, "key": key})))  # the other instances learn it
+        else:
+            effects.append(_new_tuple(Publish, (room, message)))
         effects.append(_new_tuple(Stored, (room, message, ack)))
         return message_id
 
@@ -3115,12 +3398,75 @@ class Server:
         """Users present in a room on this instance and the others, sorted."""
         return self._rooms.presence(room)
 
-    def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any) -> None:
+    def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any, since: str | None = None) -> None:
+        """v2's join (``Rooms.enter``). With ``since``: recovered from the room's ring when it holds
+        ``since``; else the store is read first (the room and its ring kept meanwhile, so that what
+        arrives during the read is not missed) and the join goes on with its answer."""
         if conn.state is not State.OPEN:
             raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
-        self._rooms.enter(conn, room, meta, watch, ref, self._now)
+        target = self._rooms.by_name.get(room)
+        if since is None or (target is not None and conn in target.present):
+            self._rooms.enter(conn, room, meta, watch, ref, self._now)
+            return
+        waiting = self._recovering.get((conn.id, room))
+        if waiting is not None:  # joined again while the store is read: answered with the first
+            waiting.refs.append(ref)
+            return
+        recovery = Recovery(conn.id, room, since, meta, watch, ref)
+        if since and target is not None and target.recent.knows(since):
+            self._rooms.enter(conn, room, meta, watch, ref, self._now, recovery)
+            return
+        if not since:
+            recovery.page = []  # found stays False: recovered false
+            self._rooms.enter(conn, room, meta, watch, ref, self._now, recovery)
+            return
+        self._recovering[(conn.id, room)] = recovery
+        self._rooms.hold(room)
+        # since itself, the recover_max after it, and one more to tell a longer gap
+        self._effects.append(History(conn.id, room, self.config.recover_max + 2, None, _below(since), recovery))
+
+    def published(self, room: str, user: str, key: str) -> tuple[str, Any] | list[Ack] | None:
+        """What ``PublishKeys`` knows of this key: the stored message's (id, ts), or the repeats waiting."""
+        return self._keys.lookup((room, user, key))
+
+    def joining(self, conn: Connection) -> int:
+        """How many joins with ``since`` of ``conn`` wait for the store's answer."""
+        recovering = self._recovering
+        return sum(1 for conn_id, _ in recovering if conn_id == conn.id) if recovering else 0
+
+    def _recovered(self, recovery: Recovery, messages: list[Mapping[str, Any]] | None) -> None:
+        """The store's answer for a join with ``since`` (None: it failed): the join goes on."""
+        key = (recovery.conn_id, recovery.room)
+        if self._recovering.get(key) is not recovery:
+            self._rooms.release(recovery.room)  # it left (or closed) meanwhile
+            return
+        del self._recovering[key]
+        conn = self.connections.get(recovery.conn_id)
+        try:
+            if conn is not None and conn.state is State.OPEN:
+                since, dumps, page = recovery.since, self.config.codec.dumps, []
+                for message in messages or ():
+                    message_id = message.get("id") if isinstance(message, Mapping) else None
+                    if not isinstance(message_id, str) or message_id < since:
+                        continue
+                    if message_id == since:
+                        recovery.found = True
+                    else:
+                        page.append((message_id, dumps(message)))
+                recovery.page = page
+                refs = recovery.refs
+                self._rooms.enter(conn, recovery.room, recovery.meta, recovery.watch, refs[0], self._now, recovery)
+                for ref in refs[1:]:
+                    self._rooms.enter(conn, recovery.room, recovery.meta, recovery.watch, ref, self._now)
+        except Exception as exc:
+            self._contain("recover", conn, exc)
+        finally:
+            self._rooms.release(recovery.room)
+        self._settle()
 
     def leave(self, conn: Connection, room: str) -> bool:
+        if self._recovering.pop((conn.id, room), None) is not None:
+            return True  # the store's answer finds it gone
         return self._rooms.leave(conn, room, self._now)
 
     def update_meta(self, conn: Connection, room: str, meta: bytes) -> bool:

@@ -105,9 +105,11 @@ def publish(conn: Connection, request: HttpRequest) -> HttpReply | None:
         raise HttpError(400, "bad_field", f'"key" must be a string of at most {MAX_KEY_BYTES} bytes')
     if not conn.available("store"):
         raise HttpError(503, "unavailable", "the message store is unreachable: not sent")
+    if key is not None and (seen := conn.repeat(room, user, key)) is not None:
+        return 200, conn.config.codec.dumps({"id": seen[0], "ts": seen[1]}), "application/json"
     message = {"event": "message", "room": room, "user": user, "data": body["data"]}
     try:
-        conn.publish(room, message, ref="api", v2=True)  # the ack answers the request
+        conn.publish(room, message, ref="api", v2=True, key=key)  # the ack answers the request
     except EventError as exc:
         raise HttpError(413, "too_large", exc.detail) from None
     return None

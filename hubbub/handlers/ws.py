@@ -113,9 +113,9 @@ def on_join(conn: Connection, event: dict[str, Any]) -> None:
     if since is not None and not isinstance(since, str):
         raise EventError("bad_field", '"since" must be a message id (a string)', ref, room)
     limit = conn.config.max_rooms_per_connection
-    if not conn.in_room(room) and len(conn.rooms) >= limit:
+    if not conn.in_room(room) and len(conn.rooms) + conn.joining() >= limit:
         raise EventError("too_many_rooms", f"a connection may be in at most {limit} rooms", ref, room)
-    conn.enter(room, meta, watch, ref)
+    conn.enter(room, meta, watch, ref, since)
 
 
 def on_leave(conn: Connection, event: dict[str, Any]) -> None:
@@ -141,7 +141,8 @@ def on_publish(conn: Connection, event: dict[str, Any]) -> None:
     if not may_publish(conn, room, ref):
         raise EventError("forbidden", "publishing to this room is not allowed", ref, room)
     # publish adds "id" and "ts", refuses while the store is down, and acks (with ts) once stored
-    conn.publish(room, {"event": "message", "room": room, "user": conn.user, "data": event["data"]}, ref, v2=True)
+    message = {"event": "message", "room": room, "user": conn.user, "data": event["data"]}
+    conn.publish(room, message, ref, v2=True, key=key)
 
 
 def on_history(conn: Connection, event: dict[str, Any]) -> None:

@@ -1,0 +1,349 @@
+"""Recovery and idempotency on ``/ws`` byte for byte, no sockets: ``join`` with ``since`` from the
+room's ring and from the store, what arrives while the store is read, ``recovered`` false for every
+case the server cannot promise, and publish ``key``s (on ``/ws`` and ``/api/publish``) acked with
+the original id and never delivered or stored twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hubbub import core
+from hubbub.handlers import api
+from tests.hub import Hub, Peer
+from tests.test_core_api import KEY, HttpPeer, request
+
+
+def joined(hub: Hub, peer: Peer, room: str, **fields: Any) -> dict[str, Any]:
+    peer.send_json({"event": "join", "room": room, **fields})
+    hub.advance(0.06)  # the presence window: joined comes at its end
+    [reply] = [e for e in peer.json() if e["event"] == "joined" and e["room"] == room]
+    return reply
+
+
+def publish(peer: Peer, room: str, data: Any, **fields: Any) -> None:
+    peer.send_json({"event": "publish", "room": room, "data": data, **fields})
+
+
+def messages(peer: Peer) -> list[dict[str, Any]]:
+    return [e for e in peer.json() if e["event"] == "message"]
+
+
+def stored(hub: Hub, room: str) -> list[Any]:
+    return [m["data"] for m in hub.store.history(room, 10_000)]
+
+
+def test_a_short_reconnect_recovers_from_the_ring_in_order_then_live_with_no_gap_or_duplicate() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    for i in range(3):
+        publish(bob, "r", i)
+    seen = messages(alice)
+    assert [m["data"] for m in seen] == [0, 1, 2]
+    alice.close()
+    for i in range(3, 8):
+        publish(bob, "r", i)
+    again = hub.join("/ws?user=alice")
+    reply = joined(hub, again, "r", since=seen[-1]["id"], ref="re")
+    assert reply["recovered"] is True and reply["ref"] == "re"
+    assert [m["data"] for m in reply["messages"]] == [3, 4, 5, 6, 7]
+    assert all(m["event"] == "message" and m["room"] == "r" and m["user"] == "bob" for m in reply["messages"])
+    publish(bob, "r", 8)
+    assert [m["data"] for m in messages(again)] == [8]
+    # nothing missed: the last id seen recovers nothing
+    third = hub.join("/ws?user=alice")
+    reply = joined(hub, third, "r", since=reply["messages"][-1]["id"])
+    assert reply["recovered"] is True and [m["data"] for m in reply["messages"]] == [8]
+
+
+def test_a_room_without_members_here_recovers_from_the_store() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "quiet"), joined(hub, bob, "quiet")
+    publish(bob, "quiet", "seen")
+    [last] = messages(alice)
+    alice.close()
+    for i in range(4):
+        publish(bob, "quiet", i)
+    bob.close()
+    hub.advance(0.1)
+    assert "quiet" not in hub.server.rooms  # gone, and its ring with it
+    again = hub.join("/ws?user=alice")
+    reply = joined(hub, again, "quiet", since=last["id"])
+    assert reply["recovered"] is True and [m["data"] for m in reply["messages"]] == [0, 1, 2, 3]
+    assert not hub.server.joining(again.conn)
+
+
+def test_what_arrives_while_the_store_is_read_follows_the_page_once() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(bob, "r", "seen")
+    [last] = messages(alice)
+    alice.close()
+    for i in range(3):
+        publish(bob, "r", i)
+    bob.close()
+    hub.advance(0.1)
+    hub.carry_out = False  # hold the store's answer
+    again = hub.join("/ws?user=alice")
+    again.send_json({"event": "join", "room": "r", "since": last["id"]})
+    carol = hub.join("/ws?user=carol")
+    carol.send_json({"event": "join", "room": "r", "presence": False})
+    publish(carol, "r", "during-1")
+    publish(carol, "r", "during-2")
+    assert [e["event"] for e in again.json()] == []  # nothing before its joined
+    hub.carry_out = True  # now the read (asked first), then the writes after it
+    hub.pump()
+    hub.advance(0.06)  # the presence window the join opened once the store answered
+    [reply] = [e for e in again.json() if e["event"] == "joined"]
+    assert reply["recovered"] is True
+    assert [m["data"] for m in reply["messages"]] == [0, 1, 2, "during-1", "during-2"]
+    publish(carol, "r", "live")
+    assert [m["data"] for m in messages(again)] == ["live"]
+
+
+@pytest.mark.parametrize("since", ["", "0" * 22, "f" * 22, "not-an-id"])
+def test_a_since_the_server_does_not_know_is_recovered_false_with_the_newest(since: str) -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(bob, "r", "kept")
+    reply = joined(hub, alice, "elsewhere", since=since)
+    assert reply["recovered"] is False and reply["messages"] == []
+    again = hub.join("/ws?user=alice")
+    reply = joined(hub, again, "r", since=since)
+    assert reply["recovered"] is False and [m["data"] for m in reply["messages"]] == ["kept"]
+
+
+def test_an_id_of_another_room_is_not_known_here() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "a"), joined(hub, bob, "a"), joined(hub, bob, "b")
+    publish(bob, "a", "in a")
+    [other] = messages(alice)
+    reply = joined(hub, alice, "b", since=other["id"])
+    assert reply["recovered"] is False
+
+
+def test_a_gap_over_recover_max_or_past_the_ring_is_recovered_false() -> None:
+    hub = Hub(recover_max=3, recover_ring=4)
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(bob, "r", "seen")
+    [last] = messages(alice)
+    alice.close()
+    for i in range(4):
+        publish(bob, "r", i)
+    again = hub.join("/ws?user=alice")
+    reply = joined(hub, again, "r", since=last["id"])  # 4 missed, recover_max 3: from the ring, too many
+    assert reply["recovered"] is False and [m["data"] for m in reply["messages"]] == [1, 2, 3]
+    for i in range(4, 10):
+        publish(bob, "r", i)  # "seen" left the ring long ago: the store has it, with 9 after it
+    third = hub.join("/ws?user=alice")
+    reply = joined(hub, third, "r", since=last["id"])
+    assert reply["recovered"] is False and [m["data"] for m in reply["messages"]] == [7, 8, 9]
+
+
+def test_the_ring_losing_part_of_the_gap_during_the_store_read_is_recovered_false() -> None:
+    hub = Hub(recover_ring=2)
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(bob, "r", "seen")
+    [last] = messages(alice)
+    alice.close()
+    for i in range(3):
+        publish(bob, "r", i)
+    hub.carry_out = False
+    again = hub.join("/ws?user=alice")
+    again.send_json({"event": "join", "room": "r", "since": last["id"]})
+    for i in range(3, 6):
+        publish(bob, "r", i)  # the store is read before these are written, and the ring keeps only 2
+    hub.carry_out = True
+    hub.pump()
+    hub.advance(0.06)
+    [reply] = [e for e in again.json() if e["event"] == "joined"]
+    assert reply["recovered"] is False and [m["data"] for m in reply["messages"]] == [4, 5]
+
+
+def test_a_recovery_over_the_buffer_budget_is_recovered_false() -> None:
+    hub = Hub(max_buffer=64 * 1024)
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(bob, "r", "seen")
+    [last] = messages(alice)
+    alice.close()
+    for _ in range(10):
+        publish(bob, "r", "x" * 8000)
+    again = hub.join("/ws?user=alice")
+    reply = joined(hub, again, "r", since=last["id"])
+    assert reply["recovered"] is False and 0 < len(reply["messages"]) < 10
+    assert again.closed_with is None
+
+
+def test_leaving_or_closing_while_the_store_is_read_costs_nothing() -> None:
+    hub = Hub()
+    hub.carry_out = False
+    alice = hub.join("/ws?user=alice")
+    alice.send_json({"event": "join", "room": "r", "since": "0" * 22, "ref": 1})
+    alice.send_json({"event": "join", "room": "r", "since": "0" * 22, "ref": 2})
+    assert hub.server.joining(alice.conn) == 1
+    alice.send_json({"event": "leave", "room": "r", "ref": 3})
+    bob = hub.join("/ws?user=bob")
+    bob.send_json({"event": "join", "room": "s", "since": "0" * 22})
+    bob.close()
+    hub.carry_out = True
+    hub.advance(0.1)
+    assert [e["event"] for e in alice.json()] == ["left"]
+    assert "r" not in hub.server.rooms and "s" not in hub.server.rooms  # the holds were released
+    assert not hub.server.joining(alice.conn)
+
+
+def test_joins_waiting_for_the_store_count_against_the_room_limit() -> None:
+    hub = Hub(max_rooms_per_connection=2)
+    hub.carry_out = False
+    alice = hub.join("/ws?user=alice")
+    for room in ("a", "b", "c"):
+        alice.send_json({"event": "join", "room": room, "since": "0" * 22})
+    [error] = [e for e in alice.json() if e["event"] == "error"]
+    assert error["code"] == "too_many_rooms" and error["room"] == "c"
+
+
+def test_a_store_that_fails_the_read_still_answers_the_join_recovered_false() -> None:
+    hub = Hub(carry_out=False)
+    alice = hub.join("/ws?user=alice")
+    alice.send_json({"event": "join", "room": "r", "since": "0" * 22, "presence": False})
+    [read] = [e for e in hub.server.effects() if isinstance(e, core.History)]
+    hub.server.history_failed(read.conn_id, "down", read.ref, read.room)
+    hub.pump()
+    [reply] = alice.json()
+    assert reply["event"] == "joined" and reply["recovered"] is False
+
+
+@pytest.mark.parametrize("since", [5, ["x"], {"a": 1}, True])
+def test_a_since_that_is_not_a_string_is_bad_field(since: Any) -> None:
+    hub = Hub()
+    alice = hub.join("/ws?user=alice")
+    alice.send_json({"event": "join", "room": "r", "since": since})
+    [error] = alice.json()
+    assert error["event"] == "error" and error["code"] == "bad_field"
+
+
+# -- idempotency ---------------------------------------------------------------------------
+
+
+def test_a_publish_resent_with_its_key_is_acked_with_the_original_id_and_delivered_once() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(alice, "r", "once", key="k1", ref=1)
+    [ack] = [e for e in alice.json() if e["event"] == "ack"]
+    alice.close()  # the ack was "lost": a new connection sends it again
+    again = hub.join("/ws?user=alice")
+    joined(hub, again, "r", since=ack["id"])
+    publish(again, "r", "once", key="k1", ref=2)
+    [repeat] = [e for e in again.json() if e["event"] == "ack"]
+    assert (repeat["id"], repeat["ts"], repeat["ref"]) == (ack["id"], ack["ts"], 2)
+    assert [m["data"] for m in messages(bob)] == ["once"]
+    assert stored(hub, "r") == ["once"]
+    # another user's same key, or another room's, is another message
+    publish(bob, "r", "bob's", key="k1")
+    joined(hub, again, "s")
+    publish(again, "s", "other room", key="k1")
+    assert stored(hub, "r") == ["once", "bob's"] and stored(hub, "s") == ["other room"]
+
+
+def test_a_repeat_while_the_original_is_being_stored_waits_for_its_ack() -> None:
+    hub = Hub()
+    alice = hub.join("/ws?user=alice")
+    joined(hub, alice, "r")
+    hub.carry_out = False
+    publish(alice, "r", 1, key="k", ref="first")
+    publish(alice, "r", 1, key="k", ref="second")
+    assert alice.json() == []
+    [write] = [e for e in hub.server.effects() if isinstance(e, core.Stored)]  # one message, not two
+    hub.server.ack([write.ack])
+    hub.pump()
+    acks = alice.json()
+    assert [(a["ref"], a["id"]) for a in acks] == [("first", write.message["id"]), ("second", write.message["id"])]
+
+
+def test_a_repeat_of_a_lost_publish_hears_unavailable_and_the_key_is_free_again() -> None:
+    hub = Hub()
+    alice = hub.join("/ws?user=alice")
+    joined(hub, alice, "r")
+    hub.carry_out = False
+    publish(alice, "r", 1, key="k", ref="first")
+    publish(alice, "r", 1, key="k", ref="second")
+    [write] = [e for e in hub.server.effects() if isinstance(e, core.Stored)]
+    hub.server.unavailable([write.ack], "store down")
+    hub.pump()
+    errors = alice.json()
+    assert [(e["event"], e["code"], e["ref"]) for e in errors] == [
+        ("error", "unavailable", "first"), ("error", "unavailable", "second")]
+    hub.carry_out = True
+    publish(alice, "r", 1, key="k", ref="third")
+    [ack] = [e for e in alice.json() if e["event"] == "ack"]
+    assert ack["id"] != write.message["id"] and stored(hub, "r") == [1]
+
+
+def test_a_key_from_another_instance_is_known_and_never_shown_to_members() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/chat/r?user=bob")
+    joined(hub, alice, "r")
+    bob.json()
+    remote = {"event": "message", "room": "r", "user": "alice", "data": "from B", "id": "0" * 12 + "000001beef",
+              "ts": 1, "key": "k"}
+    hub.server.deliver("r", remote, node="beef")
+    hub.pump()
+    [got] = messages(bob)
+    assert "key" not in got and "key" not in remote  # taken out before the store or a member sees it
+    publish(alice, "r", "from B", key="k", ref=1)
+    [ack] = [e for e in alice.json() if e["event"] == "ack"]
+    assert ack["id"] == remote["id"] and messages(bob) == []
+
+
+def test_a_keyed_publish_tells_the_other_instances_its_key_but_stores_none() -> None:
+    hub = Hub(carry_out=False)
+    alice = hub.join("/ws?user=alice")
+    alice.send_json({"event": "join", "room": "r", "presence": False})
+    publish(alice, "r", 1, key="k")
+    effects = hub.server.effects()
+    [out] = [e for e in effects if isinstance(e, core.Publish)]
+    [write] = [e for e in effects if isinstance(e, core.Stored)]
+    assert out.message["key"] == "k" and "key" not in write.message
+
+
+@pytest.mark.parametrize("key", [5, "x" * 65, ["k"]])
+def test_a_bad_key_is_bad_field(key: Any) -> None:
+    hub = Hub()
+    alice = hub.join("/ws?user=alice")
+    joined(hub, alice, "r")
+    publish(alice, "r", 1, key=key)
+    [error] = alice.json()
+    assert error["code"] == "bad_field" and stored(hub, "r") == []
+
+
+def test_the_api_publish_with_a_key_answers_the_original_id() -> None:
+    hub = Hub(http_routes=api.build([KEY]))
+    ws = hub.join("/ws?user=w")
+    joined(hub, ws, "news")
+    answers = []
+    for _ in range(2):
+        client = HttpPeer(hub)
+        client.feed(request("POST", "/api/publish", {"room": "news", "data": "x", "key": "order-7"}))
+        [(status, _, body)] = client.responses()
+        answers.append((status, body))
+    assert answers[0] == answers[1] and answers[0][0] == 200
+    assert [m["data"] for m in messages(ws)] == ["x"] and stored(hub, "news") == ["x"]
+
+
+def test_keys_are_bounded() -> None:
+    hub = Hub(idempotency_keys=2)
+    alice = hub.join("/ws?user=alice")
+    joined(hub, alice, "r")
+    for key in ("a", "b", "c", "a"):
+        publish(alice, "r", key, key=key)
+    assert stored(hub, "r") == ["a", "b", "c", "a"]  # "a" was forgotten: a third key pushed it out

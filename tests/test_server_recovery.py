@@ -1,0 +1,94 @@
+"""Recovery and idempotency over real sockets, as a new user tries it: a real ``server.py`` with the
+default SQLite store in a temporary file, the ``websockets`` client, a reconnect after a gap, a
+server restart, and a publish re-sent with its key after its ack was lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from websockets.sync.client import ClientConnection, connect
+
+from tests.servers import spawn_server
+from tests.services import recv_until
+
+ARGS = ("--rate-limit", "0")
+
+
+def send(ws: ClientConnection, **event: Any) -> None:
+    ws.send(json.dumps(event))
+
+
+def reply(ws: ClientConnection, ref: Any) -> dict[str, Any]:
+    return recv_until(ws, lambda e: e.get("ref") == ref)
+
+
+def publish_all(ws: ClientConnection, room: str, items: list[Any]) -> None:
+    for item in items:
+        send(ws, event="publish", room=room, data=item, key=f"k-{item}", ref=f"p{item}")
+    for item in items:
+        assert reply(ws, f"p{item}")["event"] == "ack"
+
+
+def test_a_reconnect_and_a_server_restart_recover_every_message_once_in_order(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'hubbub.db'}"
+    with spawn_server("--store", store, *ARGS) as server:
+        with connect(f"{server.url}/ws?user=bob") as bob:
+            send(bob, event="join", room="r", ref="j")
+            reply(bob, "j")
+            with connect(f"{server.url}/ws?user=alice") as alice:
+                send(alice, event="join", room="r", ref="j")
+                reply(alice, "j")
+                publish_all(bob, "r", list(range(5)))
+                seen = [recv_until(alice, lambda e: e["event"] == "message") for _ in range(5)]
+            assert [m["data"] for m in seen] == list(range(5))
+            publish_all(bob, "r", list(range(5, 25)))  # alice is away: from the ring
+            with connect(f"{server.url}/ws?user=alice") as alice:
+                send(alice, event="join", room="r", since=seen[-1]["id"], ref="re")
+                joined = reply(alice, "re")
+                assert joined["recovered"] is True
+                assert [m["data"] for m in joined["messages"]] == list(range(5, 25))
+                last = joined["messages"][-1]["id"]
+            publish_all(bob, "r", list(range(25, 35)))  # away again, and then the server restarts
+    with spawn_server("--store", store, *ARGS) as server:
+        with connect(f"{server.url}/ws?user=bob") as bob:
+            send(bob, event="join", room="r", ref="j")
+            reply(bob, "j")
+            publish_all(bob, "r", list(range(35, 40)))
+            with connect(f"{server.url}/ws?user=alice") as alice:
+                send(alice, event="join", room="r", since=last, ref="re")
+                joined = reply(alice, "re")  # from the store, then the ring of the new server
+                assert joined["recovered"] is True
+                assert [m["data"] for m in joined["messages"]] == list(range(25, 40))
+                publish_all(bob, "r", [40])
+                live = recv_until(alice, lambda e: e["event"] == "message")
+                assert live["data"] == 40
+                send(alice, event="history", room="r", limit=100, ref="h")
+                history = reply(alice, "h")["messages"]
+                assert [m["data"] for m in history] == list(range(41))  # each stored once
+
+
+def test_a_publish_resent_with_its_key_after_a_lost_ack_is_stored_and_delivered_once(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'hubbub.db'}"
+    with spawn_server("--store", store, *ARGS) as server, connect(f"{server.url}/ws?user=alice") as alice:
+        send(alice, event="join", room="orders", ref="j")
+        reply(alice, "j")
+        with connect(f"{server.url}/ws?user=bob") as bob:
+            send(bob, event="join", room="orders", presence=False, ref="j")
+            reply(bob, "j")
+            send(bob, event="publish", room="orders", data={"order": 7}, key="order-7", ref="first")
+            first = reply(bob, "first")
+        # bob's connection went before it read anything else: it sends again, with the same key
+        with connect(f"{server.url}/ws?user=bob") as bob:
+            send(bob, event="join", room="orders", presence=False, ref="j")
+            reply(bob, "j")
+            send(bob, event="publish", room="orders", data={"order": 7}, key="order-7", ref="again")
+            again = reply(bob, "again")
+            send(bob, event="publish", room="orders", data={"order": 8}, key="order-8", ref="next")
+            reply(bob, "next")
+        assert (again["event"], again["id"], again["ts"]) == ("ack", first["id"], first["ts"])
+        got = [recv_until(alice, lambda e: e["event"] == "message")["data"] for _ in range(2)]
+        assert got == [{"order": 7}, {"order": 8}]  # 7 once, then 8
+        send(alice, event="history", room="orders", ref="h")
+        assert [m["data"] for m in reply(alice, "h")["messages"]] == [{"order": 7}, {"order": 8}]
