@@ -2071,6 +2071,11 @@ class PublishKeys:
         self._waiting: dict[str, tuple[str, Any, str]] = {}  # message id -> its key, until stored or lost
         self._limit = limit
 
+    @property
+    def waiting(self) -> bool:
+        """Some keyed message is still being stored."""
+        return bool(self._waiting)
+
     def lookup(self, key: tuple[str, Any, str]) -> tuple[str, Any] | list[Ack] | None:
         return self._entries.get(key)
 
@@ -2120,35 +2125,41 @@ class Recent:
     bytes; ``evicted`` is the greatest id that left (None: nothing has), which tells whether the
     ring still holds everything after a given id."""
 
-    __slots__ = ("_bytes", "_count", "_entries", "_size", "evicted")
+    __slots__ = ("bytes", "count", "entries", "evicted", "size")
 
     def __init__(self, count: int, size: int) -> None:
-        self._entries: deque[tuple[str, bytes]] = deque()
-        self._bytes = 0
-        self._count = count
-        self._size = size
+        self.entries: deque[tuple[str, bytes]] = deque()  # (id, body), oldest first
+        self.bytes = 0  # of the bodies in entries
+        self.count = count
+        self.size = size
         self.evicted: str | None = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def add(self, message_id: str, body: bytes) -> None:
-        entries = self._entries
-        entries.append((message_id, body))
-        self._bytes += len(body)
-        while len(entries) > self._count or self._bytes > self._size:
+        """Keep a message (``Rooms.publish`` does the same inline, as it runs once per message)."""
+        self.entries.append((message_id, body))
+        self.bytes += len(body)
+        if self.bytes > self.size or len(self.entries) > self.count:
+            self.evict()
+
+    def evict(self) -> None:
+        """Drop the oldest until within ``count`` and ``size``."""
+        entries = self.entries
+        while len(entries) > self.count or self.bytes > self.size:
             old_id, old = entries.popleft()
-            self._bytes -= len(old)
+            self.bytes -= len(old)
             if self.evicted is None or old_id > self.evicted:
                 self.evicted = old_id
 
     def knows(self, message_id: str) -> bool:
-        return any(entry[0] == message_id for entry in self._entries)
+        return any(entry[0] == message_id for entry in self.entries)
 
     def since(self, message_id: str) -> list[tuple[str, bytes]] | None:
         """What came after ``message_id``, oldest first, in this room's order here; None: not held."""
         later: list[tuple[str, bytes]] = []
-        for entry in reversed(self._entries):  # from the newest: the cost is what was missed
+        for entry in reversed(self.entries):  # from the newest: the cost is what was missed
             if entry[0] == message_id:
                 later.reverse()
                 return later
@@ -2160,10 +2171,10 @@ class Recent:
         one such may have left the ring already."""
         if self.evicted is not None and self.evicted > boundary:
             return None
-        return [entry for entry in self._entries if entry[0] > boundary and entry[0] not in known]
+        return [entry for entry in self.entries if entry[0] > boundary and entry[0] not in known]
 
     def newest(self, count: int) -> list[tuple[str, bytes]]:
-        return list(self._entries)[-count:] if count > 0 else []
+        return list(self.entries)[-count:] if count > 0 else []
 
 
 class Room:
@@ -2567,7 +2578,11 @@ class Rooms:
         room = self.by_name.get(name)
         if room is None:
             return 0
-        room.recent.add(message_id, message.payload)
+        recent = room.recent  # Recent.add, inline: once per message
+        recent.entries.append((message_id, message.payload))
+        recent.bytes += len(message.payload)
+        if recent.bytes > recent.size or len(recent.entries) > recent.count:
+            recent.evict()
         if not room.batching:
             self._batched.append(room)
         return room.broadcast(message, excluded)
@@ -3204,13 +3219,24 @@ class Server:
         connections = self.connections
         keys = self._keys
         for ack in acks:
-            conn = connections.get(ack.conn_id)
-            if conn is not None:
-                self._ack_one(conn, ack)
-            for waiter in keys.stored(ack.id, ack.ts):
-                conn = connections.get(waiter.conn_id)
+            conn_id, ref, message_id, ts, _ = ack
+            if ref is not None:
+                conn = connections.get(conn_id)
                 if conn is not None:
-                    self._ack_one(conn, waiter._replace(id=ack.id, ts=ack.ts))
+                    try:
+                        if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
+                            self._backend_answered(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
+                        elif ts is None:
+                            conn.send({"event": "ack", "ref": ref, "id": message_id})
+                        else:
+                            conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
+                    except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
+                        self._contain("ack", conn, exc)
+            if keys.waiting:
+                for waiter in keys.stored(message_id, ts):
+                    conn = connections.get(waiter.conn_id)
+                    if conn is not None:
+                        self._ack_one(conn, waiter._replace(id=message_id, ts=ts))
         self._settle()
 
     def _ack_one(self, conn: Connection, ack: Ack) -> None:
@@ -3386,11 +3412,10 @@ class Server:
         effects = self._effects
         # the named tuples' own __new__ is a Python function; tuple.__new__ builds the same values in C
         ack = _new_tuple(Ack, (conn.id, ref, message_id, ts, room) if v2 else (conn.id, ref, message_id, None, None))
-        if key is not None:
+        if key is not None:  # the other instances learn it, and the store keeps it apart from the body
             self._keys.storing(keyed, message_id)
-            effects.append(_new_tuple(Publish, (room, {**message, "key": key})))  # the other instances learn it
-        else:
-            effects.append(_new_tuple(Publish, (room, message)))
+            message = {**message, "key": key}
+        effects.append(_new_tuple(Publish, (room, message)))
         effects.append(_new_tuple(Stored, (room, message, ack)))
         return message_id
 
@@ -3424,6 +3449,11 @@ class Server:
         self._rooms.hold(room)
         # since itself, the recover_max after it, and one more to tell a longer gap
         self._effects.append(History(conn.id, room, self.config.recover_max + 2, None, _below(since), recovery))
+
+    def remember_keys(self, keys: Iterable[tuple[str, str, str, str, Any]]) -> None:
+        """Publish keys the store kept, (room, user, key, id, ts) oldest first: a restarted server knows them."""
+        for room, user, key, message_id, ts in keys:
+            self._keys.known((room, user, key), message_id, ts)
 
     def published(self, room: str, user: str, key: str) -> tuple[str, Any] | list[Ack] | None:
         """What ``PublishKeys`` knows of this key: the stored message's (id, ts), or the repeats waiting."""

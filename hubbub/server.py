@@ -1246,6 +1246,10 @@ async def serve(
         },
         verifier=verifier_from(args),
     )
+    try:  # a publish re-sent with its key after a restart is acked with the original id, not delivered twice
+        server.remember_keys(await anyio.to_thread.run_sync(store.recent_keys, config.idempotency_keys))
+    except Exception as exc:  # the store may be down at start: the server starts anyway
+        log.warning("store: could not read the recent publish keys: %r", exc)
     if args.worker is not None and isinstance(store, SQLiteStore):
         # One file for all the workers (WAL: one writer at a time, readers never wait): each keeps
         # its own clients' messages, and every history read sees everyone's.

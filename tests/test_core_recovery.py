@@ -305,15 +305,29 @@ def test_a_key_from_another_instance_is_known_and_never_shown_to_members() -> No
     assert ack["id"] == remote["id"] and messages(bob) == []
 
 
-def test_a_keyed_publish_tells_the_other_instances_its_key_but_stores_none() -> None:
+def test_a_keyed_publish_tells_the_other_instances_and_the_store_its_key_but_no_member() -> None:
     hub = Hub(carry_out=False)
-    alice = hub.join("/ws?user=alice")
-    alice.send_json({"event": "join", "room": "r", "presence": False})
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    for peer in (alice, bob):
+        peer.send_json({"event": "join", "room": "r", "presence": False})
     publish(alice, "r", 1, key="k")
     effects = hub.server.effects()
     [out] = [e for e in effects if isinstance(e, core.Publish)]
     [write] = [e for e in effects if isinstance(e, core.Stored)]
-    assert out.message["key"] == "k" and "key" not in write.message
+    assert out.message["key"] == "k" and write.message["key"] == "k"
+    assert [e for e in bob.json() if e["event"] == "message"] == [
+        {"event": "message", "room": "r", "user": "alice", "data": 1, "id": out.message["id"],
+         "ts": out.message["ts"]}]
+
+
+def test_keys_the_store_kept_are_known_after_a_restart() -> None:
+    hub = Hub()
+    hub.server.remember_keys([("r", "alice", "k", "0" * 12 + "000000beef", 5)])
+    alice = hub.join("/ws?user=alice")
+    joined(hub, alice, "r")
+    publish(alice, "r", 1, key="k", ref=1)
+    [ack] = [e for e in alice.json() if e["event"] == "ack"]
+    assert (ack["id"], ack["ts"]) == ("0" * 12 + "000000beef", 5) and stored(hub, "r") == []
 
 
 @pytest.mark.parametrize("key", [5, "x" * 65, ["k"]])

@@ -67,3 +67,21 @@ def test_an_unreachable_postgresql_raises_store_error() -> None:
 def test_unknown_store_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
         open_store(url)
+
+
+def test_publish_keys_are_kept_apart_from_the_body_once_per_room_and_user(make_store: object) -> None:
+    store: Store = make_store()  # type: ignore[operator]
+    keyed = [{**message(i), "key": f"k{i % 2}"} for i in range(1, 4)]  # message 3 repeats message 1's key
+    store.write([("r", keyed[0]), ("r", keyed[1]), ("other", {**message(5, "other"), "key": "k1"})])
+    store.write([("r", keyed[2]), ("r", {**message(6), "user": "v", "key": "k1"})])
+    history = store.history("r", 10)
+    assert all("key" not in m for m in history)
+    if isinstance(store, MemoryStore):  # the core's PublishKeys keeps it from ever getting a repeat
+        assert store.recent_keys(10) == []
+        return
+    assert [m["text"] for m in history] == ["m1", "m2", "m6"]  # the repeat of (r, u, k1) was not kept
+    assert store.recent_keys(10) == [
+        ("r", "u", "k1", message(1)["id"], 1), ("r", "u", "k0", message(2)["id"], 2),
+        ("other", "u", "k1", message(5)["id"], 5), ("r", "v", "k1", message(6)["id"], 6)]
+    assert store.recent_keys(1) == [("r", "v", "k1", message(6)["id"], 6)]
+    store.close()

@@ -276,7 +276,7 @@ def test_migration_from_version_1(database: Database) -> None:
     store.write([("r", message(2))])
     assert [m["text"] for m in store.history("r", 10)] == ["from v1", "m2"]
     store.close()
-    assert database.execute("SELECT version FROM hubbub_schema") == [(SCHEMA_VERSION,)] == [(2,)]
+    assert database.execute("SELECT version FROM hubbub_schema") == [(SCHEMA_VERSION,)] == [(3,)]
     if database.kind == "sqlite":
         indexes = database.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'hubbub_messages'")
         plan = database.execute("EXPLAIN QUERY PLAN DELETE FROM hubbub_messages WHERE ts < 5")

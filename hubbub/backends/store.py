@@ -45,7 +45,7 @@ log = logging.getLogger("hubbub.store")
 Message = Mapping[str, Any]
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: list[list[str]] = [
     [  # 0 -> 1: one row per message; the id is time-ordered, so (room, id) pages history
         "CREATE TABLE hubbub_messages ("
@@ -54,6 +54,10 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # 1 -> 2: age retention deletes by ts, which would otherwise scan the whole table
         "CREATE INDEX hubbub_messages_ts ON hubbub_messages (ts)",
+    ],
+    [  # 2 -> 3: a publish's idempotency key, [user, key] as JSON: one row per (room, user, key)
+        "ALTER TABLE hubbub_messages ADD COLUMN pkey TEXT",
+        "CREATE UNIQUE INDEX hubbub_messages_room_publish_key ON hubbub_messages (room, pkey)",
     ],
 ]
 
@@ -147,6 +151,7 @@ class Store(Protocol):
     ) -> list[Message]: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
+    def recent_keys(self, limit: int) -> list[tuple[str, str, str, str, int]]: ...
 
 
 def _ts(message: Message) -> Any:
@@ -194,7 +199,7 @@ class MemoryStore:
                 self._expire(kept, cutoff)
             if len(kept) == per_room:
                 ids.discard(kept[0]["id"])
-            kept.append(message)
+            kept.append(message if "key" not in message else _unkeyed(message))
             ids.add(message_id)
 
     def history(
@@ -234,6 +239,10 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
+    def recent_keys(self, limit: int) -> list[tuple[str, str, str, str, int]]:
+        """Nothing outlives the process here: ``PublishKeys`` in the core already holds them."""
+        return []
+
     def _cutoff(self) -> int | None:
         """The oldest ``ts`` kept now (None: no age limit), sweeping every room first when one is due."""
         if self.retention.age is None:
@@ -271,14 +280,38 @@ def _storable(*texts: str) -> None:
         text.encode()  # UnicodeEncodeError, a ValueError, for a lone surrogate
 
 
-def _row(room: str, message: Message) -> tuple[str, str, int, str]:
-    """A message as (id, room, ts, body). The body is strict JSON (NaN or Infinity is refused, as
+def _row(room: str, message: Message) -> tuple[str, str, int, str, str | None]:
+    """A message as (id, room, ts, body, pkey). The body is strict JSON (NaN or Infinity is refused, as
     no other JSON reader takes them) and UTF-8 rather than \\u-escaped (smaller, and a lone surrogate,
-    which an escape would hide, is refused)."""
+    which an escape would hide, is refused). A ``"key"`` (the publisher's idempotency key) is not in
+    the body: it is ``pkey``, ``[user, key]`` as JSON, unique per room."""
+    key = message.get("key")
+    pkey = None
+    if key is not None:
+        pkey = _dumps([message.get("user"), key])
+        message = {name: value for name, value in message.items() if name != "key"}
     body = _dumps(message)
     message_id = message["id"]
-    _storable(message_id, room, body)
-    return (message_id, room, int(_ts(message)), body)
+    _storable(message_id, room, body, *((pkey,) if pkey is not None else ()))
+    return (message_id, room, int(_ts(message)), body, pkey)
+
+
+def _unkeyed(message: Message) -> Message:
+    return {name: value for name, value in message.items() if name != "key"}
+
+
+def _keys_of(rows: Iterable[tuple[str, str, str, Any]]) -> list[tuple[str, str, str, str, int]]:
+    """(room, pkey, id, ts) rows, newest first, as (room, user, key, id, ts), oldest first."""
+    out = []
+    for room, pkey, message_id, ts in rows:
+        try:
+            user, key = json.loads(pkey)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(user, str) and isinstance(key, str):
+            out.append((room, user, key, message_id, int(ts)))
+    out.reverse()
+    return out
 
 
 class _Pruning:
@@ -437,13 +470,20 @@ class _SQLStore:
     def ping(self) -> None:
         self._run(lambda cur: cur.execute("SELECT 1").fetchone())
 
+    def recent_keys(self, limit: int) -> list[tuple[str, str, str, str, int]]:
+        """The newest ``limit`` stored publish keys as (room, user, key, id, ts), oldest first: what a
+        restarted server remembers, so that a publish re-sent after it is not delivered twice."""
+        p = self.param
+        sql = f"SELECT room, pkey, id, ts FROM hubbub_messages WHERE pkey IS NOT NULL ORDER BY id DESC LIMIT {p}"
+        return _keys_of(self._run(lambda cur: cur.execute(sql, (limit,)).fetchall()))
+
 
 class SQLiteStore(_SQLStore):
     """A SQLite file; one connection, used from one worker thread at a time."""
 
     shared = False
     param = "?"
-    insert = "INSERT OR IGNORE INTO hubbub_messages (id, room, ts, body) VALUES (?, ?, ?, ?)"
+    insert = "INSERT OR IGNORE INTO hubbub_messages (id, room, ts, body, pkey) VALUES (?, ?, ?, ?, ?)"
 
     def __init__(self, path: str, *, retention: Retention = UNLIMITED) -> None:
         super().__init__(retention)
@@ -510,7 +550,8 @@ class PostgresStore(_SQLStore):
 
     shared = True
     param = "%s"
-    insert = "INSERT INTO hubbub_messages (id, room, ts, body) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
+    # any conflict: a repeated id, or a repeated (room, pkey) that raced past the core's PublishKeys
+    insert = "INSERT INTO hubbub_messages (id, room, ts, body, pkey) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
 
     def __init__(self, url: str, connect_timeout: float = 3.0, *, retention: Retention = UNLIMITED) -> None:
         super().__init__(retention)
