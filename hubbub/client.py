@@ -56,6 +56,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 __all__ = [
     "Ack",
     "Backoff",
+    "ConnectionLost",
     "Hub",
     "HubbubClosed",
     "HubbubError",
@@ -156,12 +157,14 @@ class Backoff:
 class _Request:
     frame: dict[str, Any]
     future: asyncio.Future[dict[str, Any]]
-    resend: bool  # sent again on a new connection while unanswered (else failed with _Lost)
+    resend: bool  # sent again on a new connection while unanswered (else failed with ConnectionLost)
     generation: int = -1  # the connection it was last sent on
 
 
-class _Lost(Exception):
-    """The connection a request went out on is gone (internal: recovery starts over)."""
+class ConnectionLost(ConnectionError):
+    """The connection dropped before a request that is not sent again (``Hub.request``) was answered."""
+
+
 
 
 _END = object()
@@ -223,7 +226,7 @@ class Room:
         self._end(None)
         try:
             await self.hub._request({"event": "leave", "room": self.name}, resend=False)
-        except (_Lost, HubbubClosed):
+        except (ConnectionLost, HubbubClosed):
             pass  # gone with the connection: a new one does not join it again
         except HubbubError as exc:
             if exc.code != "not_joined":
@@ -268,7 +271,7 @@ class Room:
             self.left = True
             self._ended = exc
             self._queue.put_nowait(_END)
-            asyncio.get_running_loop().create_task(self._notify_presence())
+            self.hub._spawn(self._notify_presence())
 
     def _remember(self, message_id: str) -> None:
         self._seen[message_id] = None
@@ -313,7 +316,7 @@ class Room:
                     self.hub._spawn(result)
             except Exception:
                 log.exception("presence callback of room %r failed", self.name)
-        asyncio.get_running_loop().create_task(self._notify_presence())
+        self.hub._spawn(self._notify_presence())
 
     async def _notify_presence(self) -> None:
         async with self._presence_changed:
@@ -437,7 +440,7 @@ class Hub:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._rejoins]:
             task.cancel()
         if self._socket is not None:
             with contextlib.suppress(Exception):
@@ -468,7 +471,7 @@ class Hub:
         self._rooms[name] = room
         try:
             await room._join(resend=True)
-        except _Lost:
+        except ConnectionLost:
             pass  # joined, and the connection dropped while catching up: the next one catches up
         except BaseException:
             self._rooms.pop(name, None)
@@ -477,7 +480,8 @@ class Hub:
 
     async def request(self, event: str, **fields: Any) -> dict[str, Any]:
         """Send any request (``{"event": event, **fields}`` with a fresh ``ref``) and return its reply;
-        an ``error`` reply raises ``HubbubError``. Not sent again after a reconnect."""
+        an ``error`` reply raises ``HubbubError``. Not sent again after a reconnect: raises
+        ``ConnectionLost`` if the connection is down or drops before the reply."""
         return await self._request({"event": event, **fields}, resend=False)
 
     # -- requests -----------------------------------------------------------------------------
@@ -501,6 +505,8 @@ class Hub:
     async def _send_request(self, request: _Request) -> None:
         async with self._send_lock:
             ws = self._ws
+            if ws is None and not request.resend and not request.future.done():
+                request.future.set_exception(ConnectionLost("not connected"))
             if ws is None or request.generation == self._generation or request.future.done():
                 return  # sent when the connection is back (or already sent on this one)
             request.generation = self._generation
@@ -541,6 +547,15 @@ class Hub:
             raise HubbubClosed(f"the server refused the connection: HTTP {status}", status=status) from exc
 
     async def _run(self, ws: ClientConnection) -> None:
+        try:
+            await self._keep_up(ws)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("hubbub: the client failed")
+            self._fail_all(HubbubClosed("the client failed (logged)"))
+
+    async def _keep_up(self, ws: ClientConnection) -> None:
         attempt = 0
         while True:
             try:
@@ -586,7 +601,10 @@ class Hub:
         try:
             async for frame in ws:
                 if isinstance(frame, str):
-                    self._dispatch(json.loads(frame))
+                    try:
+                        self._dispatch(json.loads(frame))
+                    except Exception:
+                        log.exception("hubbub: could not handle a frame from the server")
         except ConnectionClosed:
             pass
         finally:
@@ -602,7 +620,7 @@ class Hub:
         reason = close.reason if close is not None else ""
         for request in list(self._requests.values()):
             if not request.resend and not request.future.done():
-                request.future.set_exception(_Lost())
+                request.future.set_exception(ConnectionLost("the connection dropped"))
         if code is not None and (code in FATAL_CLOSE_CODES or 4000 <= code <= 4999):
             raise HubbubClosed(f"closed by the server with {code}" + (f": {reason}" if reason else ""), code)
         log.info("hubbub: connection to %s lost (close %s); reconnecting", self.url, code)
@@ -610,7 +628,7 @@ class Hub:
     async def _rejoin(self, room: Room) -> None:
         try:
             await room._join(resend=False)
-        except _Lost:
+        except ConnectionLost:
             pass  # the next connection starts over
         except HubbubError as exc:
             self._rooms.pop(room.name, None)
@@ -647,6 +665,10 @@ class Hub:
             room._set_presence(event.get("users", {}))
         if ref is not None and isinstance(ref, int) and ref in self._requests:
             request = self._requests[ref]
+            if kind == "ack" and request.frame["event"] == "publish" and "id" in event:
+                publisher = self._rooms.get(request.frame["room"])
+                if publisher is not None:  # at once, before a catch-up waiting for this ack goes on
+                    publisher._remember(event["id"])
             if not request.future.done():
                 request.future.set_result(event)
             return
@@ -666,7 +688,7 @@ class Hub:
         try:
             token = await self._token()
             await self._request({"event": "refresh", "token": token}, resend=False)
-        except (HubbubError, _Lost, HubbubClosed) as exc:
+        except (HubbubError, ConnectionLost, HubbubClosed) as exc:
             log.warning("hubbub: token refresh failed: %s", type(exc).__name__)
 
 
