@@ -9,6 +9,7 @@ never to measure."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -394,3 +395,52 @@ def test_join_since_catches_up_from_an_id() -> None:
 
     with spawn_server("--api-key", KEY, *FAST) as server:
         run(scenario(server))
+
+
+def test_a_server_that_recovers_since_exactly_is_used_as_is() -> None:
+    """What issue 15's server will answer (PROTOCOL.md, "Recovery: since"): ``joined`` with
+    ``recovered: true`` and the missed ``messages``. Today's server ignores ``since``, so this one
+    scripted stand-in (a ``websockets`` server speaking just enough /ws) checks the client's side of
+    that path: the join asks ``since`` the last delivered id, the recovered messages come first, a
+    live message that repeats one of them is dropped, and no history page is asked for."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    def message(n: int) -> dict[str, Any]:
+        return {"event": "message", "room": "r", "id": f"id-{n:03d}", "ts": n, "user": "u", "data": n}
+
+    joins: list[dict[str, Any]] = []
+    histories: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        first = not joins
+        async for frame in ws:
+            event = json.loads(frame)
+            if event["event"] == "history":
+                histories.append(event)
+                await ws.send(json.dumps({"event": "history", "room": "r", "ref": event["ref"], "messages": []}))
+            if event["event"] != "join":
+                continue
+            joins.append(event)
+            reply: dict[str, Any] = {"event": "joined", "room": "r", "ref": event["ref"], "presence": {"u": [{}]}}
+            if first:
+                await ws.send(json.dumps(reply))
+                for n in (1, 2):
+                    await ws.send(json.dumps(message(n)))
+                await ws.close(1012, "restarting")
+                return
+            reply |= {"recovered": True, "messages": [message(3), message(4)]}
+            await ws.send(json.dumps(reply))
+            for n in (4, 5):
+                await ws.send(json.dumps(message(n)))
+
+    async def scenario() -> None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}", user="u", backoff=Backoff(initial=0.01)) as hub:
+                room = await hub.join("r")
+                got = await take(room, 5)
+                assert [m.data for m in got] == [1, 2, 3, 4, 5]
+                assert [j.get("since") for j in joins] == [None, "id-002"]
+                assert histories == [] and hub.reconnects == 1
+
+    run(scenario())
