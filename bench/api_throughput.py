@@ -136,9 +136,10 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=16, help="requests in flight per connection when pipelined")
     parser.add_argument("--requests", type=int, default=20000, help="publishes per asyncio phase")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--store", default=None, help="the server's --store (default: SQLite in a temporary file)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        store = f"sqlite:///{Path(tmp) / 'api.db'}"
+        store = args.store or f"sqlite:///{Path(tmp) / 'api.db'}"
         with spawn_server("--api-key", KEY, "--store", store) as running:
             server = ServerProcess(running.process.pid)
             print(f"hubbub at {running.http}, store {store}, {args.requests} publishes per asyncio phase")

@@ -13,8 +13,9 @@ FastAPI view, a Celery task, a cron job. Standard library only.
 
 Why ``http.client`` and not ``urllib.request``: ``urllib`` opens a new TCP connection (and, with
 https, a new TLS handshake) for every request and sends ``Connection: close``; ``http.client``
-keeps an HTTP/1.1 connection open between requests, which the server honours. On a loopback
-server that is several times the publishes per second (README, "Publishing from your backend").
+keeps an HTTP/1.1 connection open between requests, which the server honours. That saves a round
+trip (three with TLS) and the server's connection setup on every request (bench/api_throughput.py
+measures both; README, "Publishing from your backend").
 
 Thread safety: a ``Client`` may be shared by threads. It keeps a small pool of kept-alive
 connections; each request takes one (or opens one) and gives it back, so concurrent requests run

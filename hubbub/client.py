@@ -189,7 +189,7 @@ class Room:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._recovering = False
         self._live: list[Message] = []  # live messages that arrived while catching up
-        self._presence_changed = asyncio.Condition()
+        self._presence_changed = asyncio.Event()  # set (and replaced) at every change
         self._ended: BaseException | None = None
         self.left = False
 
@@ -239,14 +239,15 @@ class Room:
 
     async def wait_presence(self, predicate: Callable[[dict[str, list[dict[str, Any]]]], bool] | None = None
                             ) -> dict[str, list[dict[str, Any]]]:
-        """Wait for the next presence change (or, with ``predicate``, until it holds); returns the presence."""
-        async with self._presence_changed:
-            if predicate is None:
+        """Wait for the next presence change (or, with ``predicate``, until it holds); returns the presence.
+        Also returns once the room is left, and raises what ended it (``HubbubClosed``, ``HubbubError``)."""
+        if predicate is None and not self.left:
+            await self._presence_changed.wait()
+        else:
+            while not predicate(self.presence) and not self.left:
                 await self._presence_changed.wait()
-            else:
-                await self._presence_changed.wait_for(lambda: self._ended is not None or predicate(self.presence))
-            self._raise_if_ended()
-            return self.presence
+        self._raise_if_ended()
+        return self.presence
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self
@@ -271,7 +272,7 @@ class Room:
             self.left = True
             self._ended = exc
             self._queue.put_nowait(_END)
-            self.hub._spawn(self._notify_presence())
+            self._notify_presence()
 
     def _remember(self, message_id: str) -> None:
         self._seen[message_id] = None
@@ -316,11 +317,11 @@ class Room:
                     self.hub._spawn(result)
             except Exception:
                 log.exception("presence callback of room %r failed", self.name)
-        self.hub._spawn(self._notify_presence())
+        self._notify_presence()
 
-    async def _notify_presence(self) -> None:
-        async with self._presence_changed:
-            self._presence_changed.notify_all()
+    def _notify_presence(self) -> None:
+        changed, self._presence_changed = self._presence_changed, asyncio.Event()
+        changed.set()
 
     async def _history_page(self, limit: int | None, before: str | None, after: str | None,
                             resend: bool) -> dict[str, Any]:
@@ -414,7 +415,6 @@ class Hub:
         self._rejoins: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._send_lock = asyncio.Lock()
-        self._connected = asyncio.Event()
         self._closed: HubbubClosed | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
