@@ -359,7 +359,7 @@ def test_a_server_restart_mid_conversation_loses_and_repeats_nothing(tmp_path: P
                 reader_gate.open()
                 writer_gate.open()
                 mine.append((await asyncio.wait_for(away, 20)).id)
-                await asyncio.wait_for(r.wait_presence(lambda p: "reader" in p), 10)
+                await until(lambda: reader.reconnects == 1 and not reader._rejoins)  # back and caught up
                 for i in range(10, 15):
                     await asyncio.to_thread(api.publish, room, i)
                 await asyncio.to_thread(api.publish, room, "end")
