@@ -444,3 +444,60 @@ def test_a_server_that_recovers_since_exactly_is_used_as_is() -> None:
                 assert histories == [] and hub.reconnects == 1
 
     run(scenario())
+
+
+def test_an_unacknowledged_publish_is_sent_again_with_its_key_after_the_room_is_joined_again() -> None:
+    """A publish in flight when the connection drops: the next connection joins the room again
+    first, then sends the publish again with the same ``key`` (scripted server: today's does not
+    deduplicate keys, issue 15's will, and answers the original id)."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    seen: list[list[dict[str, Any]]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        frames: list[dict[str, Any]] = []
+        seen.append(frames)
+        async for frame in ws:
+            event = json.loads(frame)
+            frames.append(event)
+            if event["event"] == "join":
+                await ws.send(json.dumps({"event": "joined", "room": event["room"], "ref": event["ref"]}))
+            elif event["event"] == "publish" and len(seen) == 1:
+                await ws.close(1011, "lost before the ack")  # stored, maybe, but never acknowledged
+                return
+            elif event["event"] == "publish":
+                await ws.send(json.dumps({"event": "ack", "ref": event["ref"], "id": "id-1", "ts": 1}))
+            elif event["event"] == "history":
+                await ws.send(json.dumps({"event": "history", "room": event["room"], "ref": event["ref"],
+                                          "messages": []}))
+
+    async def scenario() -> None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}", user="u", backoff=Backoff(initial=0.01)) as hub:
+                room = await hub.join("r", presence=False)
+                ack = await room.publish({"n": 1})
+                assert ack.id == "id-1" and hub.reconnects == 1
+        first, second = seen
+        assert [e["event"] for e in first] == ["join", "publish"]
+        assert [e["event"] for e in second][:2] == ["join", "publish"]
+        assert second[1]["key"] == first[1]["key"] and second[1]["data"] == {"n": 1}
+        assert second[0]["presence"] is False
+
+    run(scenario())
+
+
+def test_reconnection_gives_up_after_the_configured_attempts() -> None:
+    async def scenario() -> None:
+        server = spawn_server(*FAST)
+        running = await in_thread(server)
+        async with connect(running.url, user="u", backoff=Backoff(initial=0.01, maximum=0.05, attempts=3)) as hub:
+            room = await hub.join("r")
+            await leave_thread(server)  # gone, and nobody comes back on that port
+            with pytest.raises(HubbubClosed) as closed:
+                await asyncio.wait_for(anext(room), 20)
+            assert "3 reconnection attempts" in str(closed.value)
+            with pytest.raises(HubbubClosed):
+                await hub.join("s")
+
+    run(scenario())
