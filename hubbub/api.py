@@ -110,7 +110,7 @@ class Client:
         body["key"] = key if key is not None else secrets.token_urlsafe(16)
         if user is not None:
             body["user"] = user
-        return self._call("POST", "/api/publish", body)
+        return dict(self._call("POST", "/api/publish", body))
 
     def history(self, room: str, limit: int | None = None, before: str | None = None,
                 after: str | None = None) -> list[dict[str, Any]]:

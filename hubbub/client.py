@@ -43,7 +43,7 @@ import json
 import logging
 import random
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +78,11 @@ HISTORY_PAGE = 100
 """Messages asked for per ``history`` page while catching up (the server's default ``--history-max``)."""
 SEEN_IDS = 10_000
 """Ids remembered per room to drop duplicates (delivered and self-published ones)."""
+REWIND = 100
+"""Catching up through ``history``, the client pages from the smallest of the last ``REWIND`` ids it
+delivered rather than from the last one: until every instance sequences each room (PROTOCOL.md
+section 3), messages from two instances can arrive slightly out of id order, and one with a
+smaller id than the last delivered could still have been on its way. What comes twice is dropped."""
 
 
 class HubbubError(Exception):
@@ -187,6 +192,7 @@ class Room:
         self.on_presence = on_presence
         self._queue: asyncio.Queue[Message | object] = asyncio.Queue()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._recent: deque[str] = deque(maxlen=REWIND)  # the last ids delivered
         self._recovering = False
         self._live: list[Message] = []  # live messages that arrived while catching up
         self._presence_changed = asyncio.Event()  # set (and replaced) at every change
@@ -241,8 +247,9 @@ class Room:
                             ) -> dict[str, list[dict[str, Any]]]:
         """Wait for the next presence change (or, with ``predicate``, until it holds); returns the presence.
         Also returns once the room is left, and raises what ended it (``HubbubClosed``, ``HubbubError``)."""
-        if predicate is None and not self.left:
-            await self._presence_changed.wait()
+        if predicate is None:
+            if not self.left:
+                await self._presence_changed.wait()
         else:
             while not predicate(self.presence) and not self.left:
                 await self._presence_changed.wait()
@@ -284,6 +291,7 @@ class Room:
         if message.id in self._seen or self.left:
             return
         self._remember(message.id)
+        self._recent.append(message.id)
         self.last_id = message.id
         self._queue.put_nowait(message)
 
@@ -362,7 +370,7 @@ class Room:
             if joined.get("recovered") is True:
                 missed = [Message.from_event(m, self.name) for m in joined.get("messages", [])]
             else:
-                missed = await self._page_forward(self.last_id)
+                missed = await self._page_forward(min(self._recent, default=self.last_id))
             for message in missed:
                 self._deliver(message)
             for message in self._live:

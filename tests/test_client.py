@@ -140,9 +140,11 @@ def test_two_rooms_publish_receive_presence_and_history() -> None:
                 await anext(b0)
             await asyncio.wait_for(a0.wait_presence(lambda p: "bob" not in p), 10)
             assert set(bob.rooms) == {rooms[1]}
-        # the hub closed: its iterators end
+        # the hub closed: its iterators end, and waiting for presence does not hang
         with pytest.raises(StopAsyncIteration):
             await anext(a1)
+        assert await asyncio.wait_for(a1.wait_presence(), 5) == {"alice": [{}], "bob": [{}]}
+        assert await asyncio.wait_for(a1.wait_presence(lambda p: "nobody" in p), 5) is a1.presence
 
     with spawn_server(*FAST) as server:
         run(scenario(server))
@@ -499,5 +501,46 @@ def test_reconnection_gives_up_after_the_configured_attempts() -> None:
             assert "3 reconnection attempts" in str(closed.value)
             with pytest.raises(HubbubClosed):
                 await hub.join("s")
+
+    run(scenario())
+
+
+def test_catching_up_through_history_rewinds_over_messages_that_came_out_of_id_order() -> None:
+    """Until every instance sequences each room (issue 15), a message from another instance can
+    arrive after one with a greater id. Caught up through ``history``, the client pages from the
+    smallest of its recent ids, so a message with an id below the last delivered one that was still
+    on its way is not lost, and what it had already is dropped (scripted server)."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    def message(n: int) -> dict[str, Any]:
+        return {"event": "message", "room": "r", "id": f"id-{n:03d}", "ts": n, "user": "u", "data": n}
+
+    stored = [message(n) for n in (1, 2, 3, 4)]
+    afters: list[str | None] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        first = not afters
+        async for frame in ws:
+            event = json.loads(frame)
+            if event["event"] == "join":
+                await ws.send(json.dumps({"event": "joined", "room": "r", "ref": event["ref"]}))
+                if first:
+                    afters.append(None)
+                    for n in (1, 3):  # 2 (from "another instance") is still on its way when the socket drops
+                        await ws.send(json.dumps(message(n)))
+                    await ws.close(1012)
+                    return
+            elif event["event"] == "history":
+                afters.append(event.get("after"))
+                page = [m for m in stored if m["id"] > event.get("after", "")][: event.get("limit", 50)]
+                await ws.send(json.dumps({"event": "history", "room": "r", "ref": event["ref"], "messages": page}))
+
+    async def scenario() -> None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}", user="u", backoff=Backoff(initial=0.01)) as hub:
+                room = await hub.join("r", presence=False)
+                assert [m.data for m in await take(room, 4)] == [1, 3, 2, 4]
+                assert afters[1] == "id-001"  # from the smallest recent id, not from the last (id-003)
 
     run(scenario())
