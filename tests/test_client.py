@@ -253,7 +253,8 @@ def test_two_instances_on_redis_api_publish_and_presence() -> None:
 
     async def scenario(a: RunningServer, b: RunningServer) -> None:
         api = Client(a.http, KEY)
-        async with connect(b.url, user="bea") as bea, connect(a.url, user="ari") as ari:
+        gate = Gate()
+        async with connect(b.url, user="bea", backoff=gate) as bea, connect(a.url, user="ari") as ari:
             on_b = await bea.join(room, meta={"device": "phone"})
             on_a = await ari.join(room, meta={"device": "desk"})
             # both users, with their metas, in the cluster-wide presence, from either side
@@ -270,6 +271,16 @@ def test_two_instances_on_redis_api_publish_and_presence() -> None:
             # and a client on B publishing reaches the client on A
             ack = await on_b.publish("from b")
             assert [(m.id, m.data, m.user) for m in await take(on_a, 1)] == [(ack.id, "from b", "bea")]
+            # the client on B drops; what A publishes meanwhile reaches it once it is back, once each
+            assert bea._socket is not None
+            bea._socket.transport.abort()
+            await until(lambda: not bea.connected and gate.waits > 0)
+            away = [await asyncio.to_thread(api.publish, room, {"away": i}) for i in range(10)]
+            gate.open()
+            await asyncio.to_thread(api.publish, room, "back")
+            got = await take(on_b, 11)
+            assert [m.id for m in got[:10]] == [x["id"] for x in away] and got[10].data == "back"
+            assert [m.data for m in await take(on_a, 11)] == [*({"away": i} for i in range(10)), "back"]
         api.close()
 
     with two_instances() as (a, b):
