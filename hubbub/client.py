@@ -409,6 +409,8 @@ class Hub:
                  backoff: Backoff | None = None, open_timeout: float = 10.0,
                  **websocket_options: Any) -> None:
         self.url = _ws_url(url, user)
+        parts = urlsplit(self.url)
+        self._where = f"{parts.scheme}://{parts.netloc}{parts.path}"  # for logs: never the query (a ?token=)
         self.token = token
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
@@ -584,7 +586,7 @@ class Hub:
                     self._fail_all(exc)
                     return
                 except (OSError, InvalidHandshake, TimeoutError) as exc:
-                    log.info("hubbub: reconnecting to %s failed (%s)", self.url, type(exc).__name__)
+                    log.info("hubbub: reconnecting to %s failed (%s)", self._where, type(exc).__name__)
                     continue
                 self.reconnects += 1
                 attempt = 0
@@ -631,7 +633,7 @@ class Hub:
                 request.future.set_exception(ConnectionLost("the connection dropped"))
         if code is not None and (code in FATAL_CLOSE_CODES or 4000 <= code <= 4999):
             raise HubbubClosed(f"closed by the server with {code}" + (f": {reason}" if reason else ""), code)
-        log.info("hubbub: connection to %s lost (close %s); reconnecting", self.url, code)
+        log.info("hubbub: connection to %s lost (close %s); reconnecting", self._where, code)
 
     async def _rejoin(self, room: Room) -> None:
         try:
