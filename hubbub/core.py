@@ -1587,8 +1587,9 @@ class Connection:
         return self._server.update_meta(self, room, meta)
 
     def in_room(self, room: str) -> bool:
-        """This connection is in ``room`` (it may publish there)."""
-        return any(each.name == room for each in self.rooms)
+        """This connection is in ``room``, or joins it with ``since`` and waits for the store (it may
+        publish there)."""
+        return any(each.name == room for each in self.rooms) or self._server.recovering(self, room)
 
     def presence_json(self, room: str) -> bytes:
         """``{USER: [META, ...]}`` of ``room`` on every instance, as encoded JSON."""
@@ -2053,7 +2054,7 @@ class Recovery:
         self.meta = meta
         self.watch = watch
         self.refs = [ref]
-        self.page: list[tuple[str, bytes]] | None = None
+        self.page: list[tuple[str, bytes, int]] | None = None
         self.found = False
 
 
@@ -2128,7 +2129,7 @@ class Recent:
     __slots__ = ("bytes", "count", "entries", "evicted", "size")
 
     def __init__(self, count: int, size: int) -> None:
-        self.entries: deque[tuple[str, bytes]] = deque()  # (id, body), oldest first
+        self.entries: deque[tuple[str, bytes, int]] = deque()  # (id, body, sender connection id or 0), oldest first
         self.bytes = 0  # of the bodies in entries
         self.count = count
         self.size = size
@@ -2137,9 +2138,9 @@ class Recent:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, message_id: str, body: bytes) -> None:
+    def add(self, message_id: str, body: bytes, sender: int = 0) -> None:
         """Keep a message (``Rooms.publish`` does the same inline, as it runs once per message)."""
-        self.entries.append((message_id, body))
+        self.entries.append((message_id, body, sender))
         self.bytes += len(body)
         if self.bytes > self.size or len(self.entries) > self.count:
             self.evict()
@@ -2148,7 +2149,7 @@ class Recent:
         """Drop the oldest until within ``count`` and ``size``."""
         entries = self.entries
         while len(entries) > self.count or self.bytes > self.size:
-            old_id, old = entries.popleft()
+            old_id, old, _ = entries.popleft()
             self.bytes -= len(old)
             if self.evicted is None or old_id > self.evicted:
                 self.evicted = old_id
@@ -2156,9 +2157,9 @@ class Recent:
     def knows(self, message_id: str) -> bool:
         return any(entry[0] == message_id for entry in self.entries)
 
-    def since(self, message_id: str) -> list[tuple[str, bytes]] | None:
+    def since(self, message_id: str) -> list[tuple[str, bytes, int]] | None:
         """What came after ``message_id``, oldest first, in this room's order here; None: not held."""
-        later: list[tuple[str, bytes]] = []
+        later: list[tuple[str, bytes, int]] = []
         for entry in reversed(self.entries):  # from the newest: the cost is what was missed
             if entry[0] == message_id:
                 later.reverse()
@@ -2166,14 +2167,14 @@ class Recent:
             later.append(entry)
         return None
 
-    def after(self, boundary: str, known: Collection[str]) -> list[tuple[str, bytes]] | None:
+    def after(self, boundary: str, known: Collection[str]) -> list[tuple[str, bytes, int]] | None:
         """The messages with an id greater than ``boundary`` and not in ``known``, oldest first; None when
         one such may have left the ring already."""
         if self.evicted is not None and self.evicted > boundary:
             return None
         return [entry for entry in self.entries if entry[0] > boundary and entry[0] not in known]
 
-    def newest(self, count: int) -> list[tuple[str, bytes]]:
+    def newest(self, count: int) -> list[tuple[str, bytes, int]]:
         return list(self.entries)[-count:] if count > 0 else []
 
 
@@ -2549,7 +2550,7 @@ class Rooms:
         config = self._config
         cap = config.recover_max
         recent = room.recent
-        missed: list[tuple[str, bytes]] | None
+        missed: list[tuple[str, bytes, int]] | None
         if recovery.page is None:  # the ring held ``since`` at the join
             missed = recent.since(recovery.since)
         elif not recovery.found or len(recovery.page) > cap:
@@ -2558,28 +2559,35 @@ class Rooms:
             page = recovery.page
             tail = recent.after(page[-1][0] if page else recovery.since, {entry[0] for entry in page})
             missed = None if tail is None else page + tail
+        if missed is not None:  # what this connection itself published while it waited is not news to it
+            missed = [entry for entry in missed if entry[2] != recovery.conn_id]
         budget = config.max_buffer // 2
-        if missed is not None and (len(missed) > cap or sum(len(body) + 1 for _, body in missed) > budget):
+        if missed is not None and (len(missed) > cap or sum(len(entry[1]) + 1 for entry in missed) > budget):
             missed = None
         recovered = missed is not None
         if missed is None:
             missed, size = [], 0
             for entry in reversed(recent.newest(cap)):
+                if entry[2] == recovery.conn_id:
+                    continue
                 size += len(entry[1]) + 1
                 if size > budget:
                     break
                 missed.append(entry)
             missed.reverse()
         return (b',"recovered":' + (b"true" if recovered else b"false") + b',"messages":['
-                + b",".join(body for _, body in missed) + b"]")
+                + b",".join(entry[1] for entry in missed) + b"]")
 
-    def publish(self, name: str, message_id: str, message: OutboundMessage, excluded: Collection[Connection]) -> int:
-        """A chat message for room ``name`` (``broadcast``), kept in its ring for recovery."""
+    def publish(
+        self, name: str, message_id: str, message: OutboundMessage, excluded: Collection[Connection], sender: int = 0
+    ) -> int:
+        """A chat message for room ``name`` (``broadcast``), kept in its ring for recovery with the id of
+        the connection that ``sent`` it here (0: another instance, or the API)."""
         room = self.by_name.get(name)
         if room is None:
             return 0
         recent = room.recent  # Recent.add, inline: once per message
-        recent.entries.append((message_id, message.payload))
+        recent.entries.append((message_id, message.payload, sender))
         recent.bytes += len(message.payload)
         if recent.bytes > recent.size or len(recent.entries) > recent.count:
             recent.evict()
@@ -3407,7 +3415,7 @@ class Server:
         if v2 and len(body) > config.max_message_size:
             raise EventError("bad_field", f"the message would be over {config.max_message_size} bytes", ref, room)
         out = OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level)
-        count = self._rooms.publish(room, message_id, out, (conn,))
+        count = self._rooms.publish(room, message_id, out, (conn,), conn.id)
         self.metrics.deliveries += count
         effects = self._effects
         # the named tuples' own __new__ is a Python function; tuple.__new__ builds the same values in C
@@ -3459,6 +3467,10 @@ class Server:
         """What ``PublishKeys`` knows of this key: the stored message's (id, ts), or the repeats waiting."""
         return self._keys.lookup((room, user, key))
 
+    def recovering(self, conn: Connection, room: str) -> bool:
+        """``conn`` joins ``room`` with ``since`` and waits for the store's answer."""
+        return bool(self._recovering) and (conn.id, room) in self._recovering
+
     def joining(self, conn: Connection) -> int:
         """How many joins with ``since`` of ``conn`` wait for the store's answer."""
         recovering = self._recovering
@@ -3482,7 +3494,7 @@ class Server:
                     if message_id == since:
                         recovery.found = True
                     else:
-                        page.append((message_id, dumps(message)))
+                        page.append((message_id, dumps(message), 0))
                 recovery.page = page
                 refs = recovery.refs
                 self._rooms.enter(conn, recovery.room, recovery.meta, recovery.watch, refs[0], self._now, recovery)
@@ -3551,7 +3563,7 @@ class Server:
             elif not conn.in_room(room):
                 continue
             elif conn.endpoint is not None and conn.endpoint.joins:
-                self._rooms.leave(conn, room, self._now)
+                self.leave(conn, room)  # a join still waiting for the store is cancelled too
                 conn.send({"event": "left", "room": room, "reason": "removed"})
             else:
                 self.send_close(conn, CLOSE_REMOVED, "removed from the room")

@@ -361,3 +361,40 @@ def test_keys_are_bounded() -> None:
     for key in ("a", "b", "c", "a"):
         publish(alice, "r", key, key=key)
     assert stored(hub, "r") == ["a", "b", "c", "a"]  # "a" was forgotten: a third key pushed it out
+
+
+def test_a_publish_while_the_join_waits_for_the_store_is_sent_and_not_recovered_to_its_sender() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(bob, "r", "seen")
+    [last] = messages(alice)
+    alice.close()
+    publish(bob, "r", "missed")
+    bob.close()
+    hub.advance(0.1)
+    carol = hub.join("/ws?user=carol")
+    joined(hub, carol, "r")
+    hub.carry_out = False
+    again = hub.join("/ws?user=alice")
+    again.send_json({"event": "join", "room": "r", "since": last["id"]})
+    publish(again, "r", "resent while joining", ref="p")  # a client re-sends its unacked publishes at once
+    hub.carry_out = True
+    hub.pump()
+    hub.advance(0.06)
+    got = again.json()
+    [reply] = [e for e in got if e["event"] == "joined"]
+    assert reply["recovered"] is True and [m["data"] for m in reply["messages"]] == ["missed"]
+    assert [e["event"] for e in got if e["event"] == "ack"] == ["ack"]
+    assert [m["data"] for m in messages(carol)] == ["resent while joining"]
+
+
+def test_the_api_disconnect_cancels_a_join_waiting_for_the_store() -> None:
+    hub = Hub(carry_out=False)
+    alice = hub.join("/ws?user=alice")
+    alice.send_json({"event": "join", "room": "r", "since": "0" * 22})
+    assert hub.server.disconnect("alice", "r", everywhere=False) == 1
+    hub.carry_out = True
+    hub.advance(0.1)
+    assert [e.get("reason") for e in alice.json()] == ["removed"]
+    assert not alice.conn.in_room("r") and "r" not in hub.server.rooms
