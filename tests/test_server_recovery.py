@@ -12,7 +12,7 @@ from typing import Any
 from websockets.sync.client import ClientConnection, connect
 
 from tests.servers import spawn_server
-from tests.services import recv_until
+from tests.services import REDIS_URL, recv_until, require, unique
 from tests.wire import RssWatch, healthz, wait_for
 
 ARGS = ("--rate-limit", "0")
@@ -124,3 +124,32 @@ def test_a_spam_of_20000_rooms_leaves_no_room_no_ring_and_a_bounded_store(tmp_pa
         assert late["recovered"] is False and late["messages"] == []  # past the age: nothing kept to recover
         send(ws, event="history", room="spam-1-5", ref="h")
         assert reply(ws, "h")["messages"] == []
+
+
+def test_a_key_re_sent_to_another_instance_is_acked_with_the_original_id() -> None:
+    """Two instances on Redis: the other instance learns the key with the message, so a client that
+    reconnects there and re-sends its unacked publish is acked with the first id, and nobody gets it twice."""
+    broker = require(REDIS_URL, 6379, "Redis")
+    channel = unique("keys")
+    room = unique("room")
+    common = ("--broker", broker, "--broker-channel", channel, "--store", "memory", *ARGS)
+    with spawn_server(*common) as a, spawn_server(*common) as b, \
+            connect(f"{b.url}/ws?user=watcher") as watcher:
+        send(watcher, event="join", room=room, presence=False, ref="j")
+        reply(watcher, "j")
+        with connect(f"{a.url}/ws?user=bob") as bob:
+            send(bob, event="join", room=room, presence=False, ref="j")
+            reply(bob, "j")
+            send(bob, event="publish", room=room, data="once", key="k-1", ref="first")
+            first = reply(bob, "first")
+        seen = recv_until(watcher, lambda e: e["event"] == "message")
+        assert seen["id"] == first["id"] and "key" not in seen
+        with connect(f"{b.url}/ws?user=bob") as bob:
+            send(bob, event="join", room=room, presence=False, since=first["id"], ref="j")
+            assert reply(bob, "j")["recovered"] is True
+            send(bob, event="publish", room=room, data="once", key="k-1", ref="again")
+            again = reply(bob, "again")
+            send(bob, event="publish", room=room, data="next", key="k-2", ref="next")
+            reply(bob, "next")
+        assert (again["id"], again["ts"]) == (first["id"], first["ts"])
+        assert recv_until(watcher, lambda e: e["event"] == "message")["data"] == "next"  # not "once" again
