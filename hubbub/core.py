@@ -184,6 +184,11 @@ class Config:
         "reading the store (also bounded by --recover-ring-bytes); freed with the room"
     )
     recover_ring_bytes: int = _setting(256 * 1024, "bytes of recent messages each room keeps in memory, at most")
+    recover_window: float = _setting(
+        2.0, "seconds: a message published on another instance within this of since may have reached the "
+        "client's old instance in another order, so a recovery with one is recovered false (the client pages "
+        "history); at least the broker's delivery time"
+    )
     idempotency_keys: int = _setting(
         100_000, "publish keys (room, user, key) this instance remembers, newest first, so that a publish re-sent "
         "with its key is acked with the original id and not stored or delivered again"
@@ -2045,7 +2050,7 @@ class Recovery:
     did not hold ``since``), the stored messages after it (``page``, as encoded) and whether the store
     knew ``since`` in this room (``found``). Also the ``History`` request's ``ref`` for that read."""
 
-    __slots__ = ("conn_id", "found", "meta", "page", "refs", "room", "since", "watch")
+    __slots__ = ("conn_id", "found", "meta", "near", "page", "refs", "room", "since", "truncated", "watch")
 
     def __init__(self, conn_id: int, room: str, since: str, meta: bytes, watch: bool, ref: Any) -> None:
         self.conn_id = conn_id
@@ -2056,6 +2061,43 @@ class Recovery:
         self.refs = [ref]
         self.page: list[tuple[str, bytes, int]] | None = None
         self.found = False
+        self.near: list[str] = []  # the ids the store has just before since (within recover_window)
+        self.truncated = False  # the store's page stopped at its limit
+
+
+def _origin(message_id: str) -> tuple[int, str] | None:
+    """(milliseconds, instance tag) of an id ``IdClock`` made; None for anything else."""
+    head = message_id[:12]
+    if len(message_id) <= 18 or not all(c in "0123456789abcdef" for c in head):
+        return None
+    return int(head, 16), message_id[18:]
+
+
+def _read_from(since: str, window: float) -> str:
+    """Where a recovery's store read starts: ``recover_window`` before ``since``, to see who published
+    around it (just below ``since`` for an id that is not ``IdClock``'s)."""
+    origin = _origin(since)
+    if origin is None:
+        return _below(since)
+    return f"{max(origin[0] - int(window * 1000), 0):012x}"
+
+
+def _uncertain(since: str, ids: Iterable[str], window: float, live: Callable[[str], bool]) -> bool:
+    """Some id within ``window`` of ``since`` is another instance's, and both instances ran at the
+    same time (``live``: this one, or one whose messages reached it): the two may have reached the
+    client's old instance in the other order than here (each instance's own messages keep their
+    order everywhere; two instances' do not). A restarted single instance is not uncertain: its
+    tag before the restart never ran beside it."""
+    origin = _origin(since)
+    if origin is None or not live(origin[1]):
+        return False
+    ms, node = origin
+    span = int(window * 1000)
+    for message_id in ids:
+        other = _origin(message_id)
+        if other is not None and other[1] != node and abs(other[0] - ms) <= span and live(other[1]):
+            return True
+    return False
 
 
 class PublishKeys:
@@ -2546,19 +2588,25 @@ class Rooms:
         room after ``since`` in the order the members here got them, from the ring, or from the store's
         page followed by what the ring got after it. ``recovered`` is false when that cannot be promised
         (``since`` unknown here, the gap over ``recover_max`` or over half of ``max_buffer`` as encoded,
-        or the ring lost part of it meanwhile): then ``messages`` holds the newest the ring has."""
+        the ring lost part of it meanwhile, or another instance published within ``recover_window`` of
+        ``since``, whose order around it the client's old instance may have had otherwise): then
+        ``messages`` holds the newest the ring has."""
         config = self._config
         cap = config.recover_max
         recent = room.recent
         missed: list[tuple[str, bytes, int]] | None
+        around = [entry[0] for entry in recent.entries]  # who published around since, here
         if recovery.page is None:  # the ring held ``since`` at the join
             missed = recent.since(recovery.since)
-        elif not recovery.found or len(recovery.page) > cap:
+        elif not recovery.found or recovery.truncated or len(recovery.page) > cap:
             missed = None
         else:
             page = recovery.page
             tail = recent.after(page[-1][0] if page else recovery.since, {entry[0] for entry in page})
             missed = None if tail is None else page + tail
+            around += recovery.near + [entry[0] for entry in page]
+        if missed is not None and _uncertain(recovery.since, around, config.recover_window, self._cluster.coexists):
+            missed = None
         if missed is not None:  # what this connection itself published while it waited is not news to it
             missed = [entry for entry in missed if entry[2] != recovery.conn_id]
         budget = config.max_buffer // 2
@@ -2826,6 +2874,10 @@ class Cluster:
                     out.setdefault(user, []).extend(metas)
         return out
 
+    def coexists(self, node: str) -> bool:
+        """``node`` is this instance, or one whose messages reached it: they ran at the same time."""
+        return node == self.node or node in self._last_id
+
     def duplicate(self, node: str, message_id: Any) -> bool:
         """True for a message from ``node`` no newer than the last one delivered from it."""
         if not isinstance(message_id, str):
@@ -3034,6 +3086,7 @@ class Server:
         self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
         self._ids = IdClock(config.node)
         self._keys = PublishKeys(config.idempotency_keys)
+        self._recovery_limit = 2 * config.recover_max + 2  # rows a recovery's store read may take
         self._recovering: dict[tuple[int, str], Recovery] = {}  # joins with ``since`` waiting for the store
         self._next_id = 1
         self._now = 0.0
@@ -3455,8 +3508,9 @@ class Server:
             return
         self._recovering[(conn.id, room)] = recovery
         self._rooms.hold(room)
-        # since itself, the recover_max after it, and one more to tell a longer gap
-        self._effects.append(History(conn.id, room, self.config.recover_max + 2, None, _below(since), recovery))
+        # from recover_window before since (who published around it), since, the recover_max after it, one more
+        start = _read_from(since, self.config.recover_window)
+        self._effects.append(History(conn.id, room, self._recovery_limit, None, start, recovery))
 
     def remember_keys(self, keys: Iterable[tuple[str, str, str, str, Any]]) -> None:
         """Publish keys the store kept, (room, user, key, id, ts) oldest first: a restarted server knows them."""
@@ -3487,11 +3541,14 @@ class Server:
         try:
             if conn is not None and conn.state is State.OPEN:
                 since, dumps, page = recovery.since, self.config.codec.dumps, []
+                recovery.truncated = messages is not None and len(messages) >= self._recovery_limit
                 for message in messages or ():
                     message_id = message.get("id") if isinstance(message, Mapping) else None
-                    if not isinstance(message_id, str) or message_id < since:
+                    if not isinstance(message_id, str):
                         continue
-                    if message_id == since:
+                    if message_id < since:
+                        recovery.near.append(message_id)
+                    elif message_id == since:
                         recovery.found = True
                     else:
                         page.append((message_id, dumps(message), 0))

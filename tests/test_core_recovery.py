@@ -398,3 +398,61 @@ def test_the_api_disconnect_cancels_a_join_waiting_for_the_store() -> None:
     hub.advance(0.1)
     assert [e.get("reason") for e in alice.json()] == ["removed"]
     assert not alice.conn.in_room("r") and "r" not in hub.server.rooms
+
+
+def remote(hub: Hub, room: str, data: Any, node: str = "beef", ms_offset: int = 0) -> dict[str, Any]:
+    """A message another instance published ``ms_offset`` ms from the hub's clock, through the broker."""
+    ms = int(hub.now * 1000) + ms_offset
+    message = {"event": "message", "room": room, "user": "remote", "data": data,
+               "id": f"{ms:012x}{0:06x}{node}", "ts": ms}
+    hub.server.deliver(room, message, node=node)
+    hub.pump()
+    return message
+
+
+def test_another_instance_publishing_around_since_makes_the_order_uncertain() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(bob, "r", "seen")
+    [last] = messages(alice)
+    alice.close()
+    remote(hub, "r", "from B at the same moment")  # on the client's old instance it may have come first
+    publish(bob, "r", "after")
+    again = hub.join("/ws?user=alice")
+    reply = joined(hub, again, "r", since=last["id"])
+    assert reply["recovered"] is False  # the client pages history and drops what it had
+    assert [m["data"] for m in reply["messages"]] == ["seen", "from B at the same moment", "after"]
+
+
+def test_another_instance_publishing_long_before_or_after_since_is_no_uncertainty() -> None:
+    hub = Hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    remote(hub, "r", "long before", ms_offset=-10_000)
+    hub.advance(5)
+    publish(bob, "r", "seen")
+    last = messages(alice)[-1]
+    alice.close()
+    hub.advance(5)
+    remote(hub, "r", "long after")
+    again = hub.join("/ws?user=alice")
+    reply = joined(hub, again, "r", since=last["id"])
+    assert reply["recovered"] is True and [m["data"] for m in reply["messages"]] == ["long after"]
+
+
+def test_a_tag_that_never_ran_beside_this_instance_is_no_uncertainty() -> None:
+    """A restarted single instance: the messages before the restart carry the old tag, which no
+    message of this process's lifetime came from."""
+    hub = Hub()
+    ms = int(hub.now * 1000)
+    old = [{"event": "message", "room": "r", "user": "bob", "data": i, "id": f"{ms - 100 + i:012x}{0:06x}dead",
+            "ts": ms - 100 + i} for i in range(3)]
+    for message in old:
+        hub.store.add("r", message)
+    bob = hub.join("/ws?user=bob")
+    joined(hub, bob, "r")
+    publish(bob, "r", "after the restart")
+    alice = hub.join("/ws?user=alice")
+    reply = joined(hub, alice, "r", since=old[0]["id"])
+    assert reply["recovered"] is True and [m["data"] for m in reply["messages"]] == [1, 2, "after the restart"]
