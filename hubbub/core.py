@@ -2161,6 +2161,91 @@ def _below(message_id: str) -> str:
     return message_id[:-1] if last == "\x00" else message_id[:-1] + chr(ord(last) - 1)
 
 
+class Recoveries:
+    """Joins with ``since`` (``Recovery``): recovered from the room's ring at once when it holds
+    ``since``; else the store is read first (``History`` with the ``Recovery`` as its ref), the room and
+    its ring held meanwhile so that what arrives during the read is not missed, and the join goes
+    on with the answer (``Rooms.recovery_json`` then computes what was missed). The one owner of the
+    joins waiting for the store."""
+
+    __slots__ = ("_limit", "_rooms", "_waiting", "_window")
+
+    def __init__(self, rooms: Rooms, config: Config) -> None:
+        self._rooms = rooms
+        self._waiting: dict[tuple[int, str], Recovery] = {}
+        self._limit = 2 * config.recover_max + 2  # rows a store read may take
+        self._window = config.recover_window
+
+    def start(
+        self, conn: Connection, name: str, meta: bytes, watch: bool, ref: Any, since: str, now: float
+    ) -> History | None:
+        """Join ``name`` recovering from ``since``; returns the store read to ask for, if one is needed."""
+        rooms = self._rooms
+        target = rooms.by_name.get(name)
+        if target is not None and conn in target.present:  # joined already: joined again, nothing recovered
+            rooms.enter(conn, name, meta, watch, ref, now)
+            return None
+        waiting = self._waiting.get((conn.id, name))
+        if waiting is not None:  # joined again while the store is read: answered with the first
+            waiting.refs.append(ref)
+            return None
+        recovery = Recovery(conn.id, name, since, meta, watch, ref)
+        if not since or (target is not None and target.recent.knows(since)):
+            if not since:
+                recovery.page = []  # found stays False: recovered false
+            rooms.enter(conn, name, meta, watch, ref, now, recovery)
+            return None
+        self._waiting[(conn.id, name)] = recovery
+        rooms.hold(name)
+        # from recover_window before since (who published around it), since, the recover_max after it, one more
+        return History(conn.id, name, self._limit, None, _read_from(since, self._window), recovery)
+
+    def answered(
+        self, recovery: Recovery, messages: list[Mapping[str, Any]] | None, conn: Connection | None, now: float,
+    ) -> None:
+        """The store's answer (None: the read failed, recovered false): the join goes on, unless the
+        connection left the room or closed meanwhile."""
+        key = (recovery.conn_id, recovery.room)
+        rooms = self._rooms
+        if self._waiting.get(key) is not recovery:
+            rooms.release(recovery.room)
+            return
+        del self._waiting[key]
+        try:
+            if conn is None or conn.state is not State.OPEN:
+                return
+            since, dumps, page = recovery.since, conn.config.codec.dumps, []
+            recovery.truncated = messages is not None and len(messages) >= self._limit
+            for message in messages or ():
+                message_id = message.get("id") if isinstance(message, Mapping) else None
+                if not isinstance(message_id, str):
+                    continue
+                if message_id < since:
+                    recovery.near.append(message_id)
+                elif message_id == since:
+                    recovery.found = True
+                else:
+                    page.append((message_id, dumps(message), 0))
+            recovery.page = page
+            first, *more = recovery.refs
+            rooms.enter(conn, recovery.room, recovery.meta, recovery.watch, first, now, recovery)
+            for ref in more:
+                rooms.enter(conn, recovery.room, recovery.meta, recovery.watch, ref, now)
+        finally:
+            rooms.release(recovery.room)
+
+    def waiting(self, conn: Connection, name: str) -> bool:
+        return bool(self._waiting) and (conn.id, name) in self._waiting
+
+    def count(self, conn: Connection) -> int:
+        waiting = self._waiting
+        return sum(1 for conn_id, _ in waiting if conn_id == conn.id) if waiting else 0
+
+    def cancel(self, conn: Connection, name: str) -> bool:
+        """``conn`` leaves ``name`` before the store answered (True: it was waiting; the answer finds it gone)."""
+        return self._waiting.pop((conn.id, name), None) is not None
+
+
 class Recent:
     """A room's newest messages as encoded, in the order its members here received them: what a short
     reconnect recovers (``join`` with ``since``) without reading the store, and what covers the
@@ -3086,8 +3171,7 @@ class Server:
         self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
         self._ids = IdClock(config.node)
         self._keys = PublishKeys(config.idempotency_keys)
-        self._recovery_limit = 2 * config.recover_max + 2  # rows a recovery's store read may take
-        self._recovering: dict[tuple[int, str], Recovery] = {}  # joins with ``since`` waiting for the store
+        self._recoveries = Recoveries(self._rooms, config)
         self._next_id = 1
         self._now = 0.0
 
@@ -3485,32 +3569,15 @@ class Server:
         return self._rooms.presence(room)
 
     def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any, since: str | None = None) -> None:
-        """v2's join (``Rooms.enter``). With ``since``: recovered from the room's ring when it holds
-        ``since``; else the store is read first (the room and its ring kept meanwhile, so that what
-        arrives during the read is not missed) and the join goes on with its answer."""
+        """v2's join (``Rooms.enter``); with ``since``, ``Recoveries.start`` (perhaps a store read first)."""
         if conn.state is not State.OPEN:
             raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
-        target = self._rooms.by_name.get(room)
-        if since is None or (target is not None and conn in target.present):
+        if since is None:
             self._rooms.enter(conn, room, meta, watch, ref, self._now)
             return
-        waiting = self._recovering.get((conn.id, room))
-        if waiting is not None:  # joined again while the store is read: answered with the first
-            waiting.refs.append(ref)
-            return
-        recovery = Recovery(conn.id, room, since, meta, watch, ref)
-        if since and target is not None and target.recent.knows(since):
-            self._rooms.enter(conn, room, meta, watch, ref, self._now, recovery)
-            return
-        if not since:
-            recovery.page = []  # found stays False: recovered false
-            self._rooms.enter(conn, room, meta, watch, ref, self._now, recovery)
-            return
-        self._recovering[(conn.id, room)] = recovery
-        self._rooms.hold(room)
-        # from recover_window before since (who published around it), since, the recover_max after it, one more
-        start = _read_from(since, self.config.recover_window)
-        self._effects.append(History(conn.id, room, self._recovery_limit, None, start, recovery))
+        read = self._recoveries.start(conn, room, meta, watch, ref, since, self._now)
+        if read is not None:
+            self._effects.append(read)
 
     def remember_keys(self, keys: Iterable[tuple[str, str, str, str, Any]]) -> None:
         """Publish keys the store kept, (room, user, key, id, ts) oldest first: a restarted server knows them."""
@@ -3523,50 +3590,23 @@ class Server:
 
     def recovering(self, conn: Connection, room: str) -> bool:
         """``conn`` joins ``room`` with ``since`` and waits for the store's answer."""
-        return bool(self._recovering) and (conn.id, room) in self._recovering
+        return self._recoveries.waiting(conn, room)
 
     def joining(self, conn: Connection) -> int:
         """How many joins with ``since`` of ``conn`` wait for the store's answer."""
-        recovering = self._recovering
-        return sum(1 for conn_id, _ in recovering if conn_id == conn.id) if recovering else 0
+        return self._recoveries.count(conn)
 
     def _recovered(self, recovery: Recovery, messages: list[Mapping[str, Any]] | None) -> None:
         """The store's answer for a join with ``since`` (None: it failed): the join goes on."""
-        key = (recovery.conn_id, recovery.room)
-        if self._recovering.get(key) is not recovery:
-            self._rooms.release(recovery.room)  # it left (or closed) meanwhile
-            return
-        del self._recovering[key]
         conn = self.connections.get(recovery.conn_id)
         try:
-            if conn is not None and conn.state is State.OPEN:
-                since, dumps, page = recovery.since, self.config.codec.dumps, []
-                recovery.truncated = messages is not None and len(messages) >= self._recovery_limit
-                for message in messages or ():
-                    message_id = message.get("id") if isinstance(message, Mapping) else None
-                    if not isinstance(message_id, str):
-                        continue
-                    if message_id < since:
-                        recovery.near.append(message_id)
-                    elif message_id == since:
-                        recovery.found = True
-                    else:
-                        page.append((message_id, dumps(message), 0))
-                recovery.page = page
-                refs = recovery.refs
-                self._rooms.enter(conn, recovery.room, recovery.meta, recovery.watch, refs[0], self._now, recovery)
-                for ref in refs[1:]:
-                    self._rooms.enter(conn, recovery.room, recovery.meta, recovery.watch, ref, self._now)
+            self._recoveries.answered(recovery, messages, conn, self._now)
         except Exception as exc:
             self._contain("recover", conn, exc)
-        finally:
-            self._rooms.release(recovery.room)
         self._settle()
 
     def leave(self, conn: Connection, room: str) -> bool:
-        if self._recovering.pop((conn.id, room), None) is not None:
-            return True  # the store's answer finds it gone
-        return self._rooms.leave(conn, room, self._now)
+        return self._recoveries.cancel(conn, room) or self._rooms.leave(conn, room, self._now)
 
     def update_meta(self, conn: Connection, room: str, meta: bytes) -> bool:
         return self._rooms.update(conn, room, meta, self._now)
