@@ -372,31 +372,54 @@ def test_a_token_function_is_asked_again_before_expiry_and_on_reconnect(browser:
 
 
 def test_node_imports_the_module_and_publishes() -> None:
-    """Node 20's WebSocket (behind --experimental-websocket; global from Node 22) runs the client."""
+    """Node runs the module as it is: Node 22+ has a global WebSocket, Node 20 behind
+    --experimental-websocket (the `WebSocket` option takes any other implementation, e.g. `ws`)."""
     node = shutil.which("node")
     if node is None:
         if os.environ.get("CI"):
             pytest.fail("node is not installed")
         pytest.skip("node is not installed")
+    builtin = subprocess.run([node, "-p", "typeof WebSocket"], capture_output=True, text=True, timeout=30)
+    flags = [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
     script = """
 const { connect } = await import(process.argv[1]);
-const timer = setTimeout(() => { console.error("timeout"); process.exit(2); }, 20000);
+const timer = setTimeout(() => { console.error("gave up after 20 s"); process.exit(2); }, 20000);
+const until = (check) => new Promise((resolve) => {
+  const poll = () => (check() ? resolve() : setTimeout(poll, 10));
+  poll();
+});
+const heard = [];
+let seen = {};
+const listener = connect(process.argv[2], { params: { user: "listener" } });
+const inbox = listener.join("from-node", {
+  onMessage: (m, info) => heard.push({ id: m.id, user: m.user, data: m.data, source: info.source }),
+  onPresence: (state) => { seen = state; },
+});
+await inbox.ready;
 const hub = connect(process.argv[2], { params: { user: "node" } });
-const room = hub.join("from-node", { onMessage: () => {} });
+const room = hub.join("from-node", { meta: { runtime: "node" } });
 await room.ready;
+await until(() => seen.node);
+const presence = { ...seen };
 const ack = await room.publish({ hello: "from node" });
+await until(() => heard.length === 1);
 const { messages } = await room.history({ limit: 5 });
-console.log(JSON.stringify({ ack, messages }));
+await room.leave();
+await until(() => !seen.node);
+console.log(JSON.stringify({ ack, messages, heard, presence, after: seen }));
 clearTimeout(timer);
 hub.close();
+listener.close();
 """
     with spawn_server() as server:
         done = subprocess.run(
-            [node, "--experimental-websocket", "--no-warnings", "--input-type=module", "-e", script,
-             MODULE.as_uri(), server.url + "/ws"],
-            capture_output=True, text=True, timeout=30,
+            [node, *flags, "--no-warnings", "--input-type=module", "-e", script, MODULE.as_uri(), server.url + "/ws"],
+            capture_output=True, text=True, timeout=60,
         )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert [m["id"] for m in out["messages"]] == [out["ack"]["id"]]
     assert out["messages"][0]["data"] == {"hello": "from node"} and out["messages"][0]["user"] == "node"
+    assert out["heard"] == [{"id": out["ack"]["id"], "user": "node", "data": {"hello": "from node"}, "source": "live"}]
+    assert out["presence"] == {"listener": [{}], "node": [{"runtime": "node"}]}
+    assert out["after"] == {"listener": [{}]}
