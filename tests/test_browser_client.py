@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -423,3 +424,114 @@ listener.close();
     assert out["heard"] == [{"id": out["ack"]["id"], "user": "node", "data": {"hello": "from node"}, "source": "live"}]
     assert out["presence"] == {"listener": [{}], "node": [{"runtime": "node"}]}
     assert out["after"] == {"listener": [{}]}
+
+
+NODE_RECOVERY = """
+const { connect } = await import(process.argv[1]);
+const timer = setTimeout(() => {
+  console.error("gave up after 20 s; heard so far:", JSON.stringify(heard));
+  process.exit(2);
+}, 20000);
+const until = (check) => new Promise((resolve) => {
+  const poll = () => (check() ? resolve() : setTimeout(poll, 10));
+  poll();
+});
+const heard = [];
+const errors = [];
+const hub = connect(process.argv[2], {
+  params: { user: "node" }, backoff: () => 50, onError: (e) => errors.push(e.code),
+});
+const room = hub.join("r", { onMessage: (m, info) => heard.push([m.id, info.source]) });
+await room.ready;
+await until(() => heard.length === 1);
+const ack = await room.publish("p");   // first try lost with its socket, acked on the next one
+await until(() => heard.length === 2);
+room.updateMeta({ phase: 2 });         // tells the scripted server to drop the socket again
+await until(() => heard.length === 7);
+console.log(JSON.stringify({ ack, heard, errors, lastId: room.lastId }));
+clearTimeout(timer);
+hub.close();
+"""
+
+
+def test_the_client_against_a_server_that_recovers_and_one_that_cannot() -> None:
+    """PROTOCOL.md's recovery from the client's side, against a scripted ``/ws`` (Node runs the
+    client): ``recovered: true`` delivers ``joined``'s messages, its own re-sent publish (acked with
+    the id stored the first time) never comes back as a message; ``recovered: false`` pages
+    ``history`` forward with ``after`` up to the first message ``joined`` brought, holds a live
+    message until then, and drops what it already delivered."""
+    from websockets.sync.server import serve
+
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed")
+        pytest.skip("node is not installed")
+    builtin = subprocess.run([node, "-p", "typeof WebSocket"], capture_output=True, text=True, timeout=30)
+    flags = [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
+    got: list[tuple[int, dict[str, Any]]] = []  # (connection number, frame) of every frame the client sent
+    count = [0]
+
+    def msg(id_: str, user: str = "other", data: Any = None) -> dict[str, Any]:
+        return {"room": "r", "id": id_, "ts": 1, "user": user, "data": data if data is not None else id_}
+
+    def handler(ws: Any) -> None:
+        count[0] += 1
+        n = count[0]
+
+        def expect(event: str) -> dict[str, Any]:
+            while True:
+                frame = json.loads(ws.recv(timeout=GIVE_UP_MS / 1000))
+                got.append((n, frame))
+                if frame["event"] == event:
+                    return frame
+
+        def send(frame: dict[str, Any]) -> None:
+            ws.send(json.dumps(frame))
+
+        join = expect("join")
+        joined = {"event": "joined", "room": "r", "ref": join["ref"], "presence": {"node": [{}]}}
+        if n == 1:  # today's server: no `since`, no `recovered`
+            send(joined)
+            baseline = expect("history")
+            send({"event": "history", "room": "r", "ref": baseline["ref"], "messages": []})
+            send({"event": "message", **msg("0001")})
+            expect("publish")  # read, never acked: the socket goes
+            ws.close(1012)
+        elif n == 2:  # a server that recovers exactly, and knows the key it stored before
+            send({**joined, "recovered": True, "messages": [msg("0002"), msg("0003", "node", "p")]})
+            again = expect("publish")
+            send({"event": "ack", "ref": again["ref"], "id": "0003", "ts": 1})
+            expect("presence_update")
+            ws.close(1012)
+        elif n == 3:  # a server that cannot recover the gap: `messages` holds the newest ones
+            send({**joined, "recovered": False, "messages": [msg("0006"), msg("0007")]})
+            send({"event": "message", **msg("0008")})  # live, while the client fills the gap
+            for page in ([msg("0003", "node", "p"), msg("0004"), msg("0005")], [msg("0006"), msg("0007")]):
+                ask = expect("history")
+                send({"event": "history", "room": "r", "ref": ask["ref"], "messages": page})
+        try:
+            ws.recv(timeout=GIVE_UP_MS / 1000)  # until the client goes
+        except Exception:
+            pass
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        done = subprocess.run(
+            [node, *flags, "--no-warnings", "--input-type=module", "-e", NODE_RECOVERY, MODULE.as_uri(),
+             f"ws://127.0.0.1:{port}/ws"],
+            capture_output=True, text=True, timeout=60,
+        )
+        server.shutdown()
+    assert done.returncode == 0, (done.stderr, got)
+    out = json.loads(done.stdout)
+    assert out["heard"] == [["0001", "live"], ["0002", "recovered"], ["0004", "history"], ["0005", "history"],
+                            ["0006", "recovered"], ["0007", "recovered"], ["0008", "live"]]
+    assert out["ack"] == {"id": "0003", "ts": 1} and out["errors"] == [] and out["lastId"] == "0008"
+    joins = [(n, f.get("since")) for n, f in got if f["event"] == "join"]
+    assert joins == [(1, None), (2, "0001"), (3, "0002")]
+    keys = [(n, f["key"]) for n, f in got if f["event"] == "publish"]
+    assert [n for n, _ in keys] == [1, 2] and keys[0][1] == keys[1][1]  # sent again with its key
+    fills = [(f.get("after"), f.get("limit")) for n, f in got if n == 3 and f["event"] == "history"]
+    assert fills == [("0002", 100), ("0005", 100)]

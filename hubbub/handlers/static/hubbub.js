@@ -23,6 +23,9 @@
  * again for each connection and before the token expires (`refresh`); presence is kept per room
  * from `joined` and `presence_diff`.
  *
+ * Runs in browsers and in Node (22+, or 20 with `--experimental-websocket`); any other WebSocket
+ * class (e.g. the `ws` package's) can be given as the `WebSocket` option.
+ *
  * @module hubbub
  */
 
