@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -535,3 +536,51 @@ def test_the_client_against_a_server_that_recovers_and_one_that_cannot() -> None
     assert [n for n, _ in keys] == [1, 2] and keys[0][1] == keys[1][1]  # sent again with its key
     fills = [(f.get("after"), f.get("limit")) for n, f in got if n == 3 and f["event"] == "history"]
     assert fills == [("0002", 100), ("0005", 100)]
+
+
+def test_a_socket_that_never_opens_is_given_up_and_tried_again() -> None:
+    """A server that takes the TCP connection and never answers the handshake (a dead network
+    looks the same): after ``connectTimeout`` the client gives the socket up and tries again. Its
+    ``onStatus`` may name the client (the first status comes after ``connect()`` returned)."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed")
+        pytest.skip("node is not installed")
+    builtin = subprocess.run([node, "-p", "typeof WebSocket"], capture_output=True, text=True, timeout=30)
+    flags = [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
+    script = """
+const { connect } = await import(process.argv[1]);
+const states = [];
+const timer = setTimeout(() => {
+  console.error("gave up after 20 s:", JSON.stringify(states));
+  process.exit(2);
+}, 20000);
+const hub = connect(process.argv[2], {
+  connectTimeout: 200, backoff: () => 50,
+  onStatus: (s) => states.push([s.state, hub.status.state]),
+});
+const room = hub.join("r");
+const outcome = room.publish("never").then(() => "acked", (e) => e.code);
+await new Promise((resolve) => {
+  const poll = () => (states.filter(([s]) => s === "reconnecting").length >= 2 ? resolve() : setTimeout(poll, 10));
+  poll();
+});
+hub.close();
+console.log(JSON.stringify({ states, outcome: await outcome }));
+clearTimeout(timer);
+"""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)  # never accepted: the kernel completes the TCP handshake, nobody answers
+        done = subprocess.run(
+            [node, *flags, "--no-warnings", "--input-type=module", "-e", script, MODULE.as_uri(),
+             f"ws://127.0.0.1:{mute.getsockname()[1]}/ws"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert [s for s, _ in out["states"]][:4] == ["connecting", "reconnecting", "connecting", "reconnecting"]
+    assert all(s == seen for s, seen in out["states"])  # the client was there for every call
+    assert out["states"][-1][0] == "closed"
+    assert out["outcome"] == "closed"  # the publish never went: close() rejects it

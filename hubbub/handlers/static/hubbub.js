@@ -76,6 +76,8 @@ export class HubbubError extends Error {
  *   (e.g. a refused `updateMeta`, a refused rejoin, a failed refresh)
  * @property {(attempt: number) => number} [backoff] milliseconds before reconnect attempt N (0, 1, ...);
  *   default 0.5 s doubling up to 15 s, times a random 0.8 to 1.2
+ * @property {number} [connectTimeout=10000] milliseconds a socket may take to open before it is
+ *   given up and the next attempt is scheduled (a SYN into a dead network can hang for minutes)
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global one)
  */
 
@@ -151,7 +153,8 @@ export class Client {
     this._attempt = 0;
     this._timer = 0;
     this._closed = false;
-    this._open();
+    // after connect() returns: an onStatus that names the client must find it assigned
+    queueMicrotask(() => this._open());
   }
 
   /** @returns {boolean} the socket is open (the rooms' rejoins may still be under way) */
@@ -202,6 +205,7 @@ export class Client {
   // -- the socket ---------------------------------------------------------------------------
 
   async _open() {
+    if (this._closed) return;
     const epoch = ++this._epoch;
     this._setStatus({ state: "connecting", attempt: this._attempt });
     let token = this.options.token;
@@ -224,9 +228,24 @@ export class Client {
       return;
     }
     this._ws = ws;
-    ws.onopen = () => epoch === this._epoch && this._opened();
+    const limit = this.options.connectTimeout === undefined ? 10000 : this.options.connectTimeout;
+    const timer = setTimeout(() => {
+      if (epoch !== this._epoch || ws.readyState === OPEN) return;
+      this._epoch += 1; // this socket is given up: nothing it does from now on counts
+      this._ws = null;
+      ws.close(); // (not every implementation reports a close for a socket still connecting)
+      this._lost({ code: 1006, reason: "connect timeout" });
+    }, limit);
+    ws.onopen = () => {
+      clearTimeout(timer);
+      if (epoch === this._epoch) this._opened();
+      else ws.close(1000); // opened too late, or after close(): not ours any more
+    };
     ws.onmessage = (e) => epoch === this._epoch && this._receive(e.data);
-    ws.onclose = (e) => epoch === this._epoch && this._lost(e);
+    ws.onclose = (e) => {
+      clearTimeout(timer);
+      if (epoch === this._epoch) this._lost(e);
+    };
   }
 
   _address(token) {
@@ -406,6 +425,7 @@ export class Room {
    *   rejects with a {@link HubbubError} (`not_joined`, `forbidden`, `unavailable`, ...)
    */
   publish(data, { key } = {}) {
+    if (this.left) return Promise.reject(new HubbubError("not_joined", "this room was left", { room: this.name }));
     return new Promise((resolve, reject) => {
       const entry = {
         frame: { event: "publish", room: this.name, data, key: key || randomKey() },
