@@ -76,6 +76,9 @@ export class HubbubError extends Error {
  *   (e.g. a refused `updateMeta`, a refused rejoin, a failed refresh)
  * @property {(attempt: number) => number} [backoff] milliseconds before reconnect attempt N (0, 1, ...);
  *   default 0.5 s doubling up to 15 s, times a random 0.8 to 1.2
+ * @property {number} [rate=80] frames per second this client sends at most (a burst of one second's
+ *   worth; the rest wait, in order), under the server's `--rate-limit` (default 100, over it: refused):
+ *   a reconnect that rejoins 100 rooms and pages their history must not be refused; 0: no pacing
  * @property {number} [connectTimeout=10000] milliseconds a socket may take to open before it is
  *   given up and the next attempt is scheduled (a SYN into a dead network can hang for minutes)
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global one)
@@ -150,6 +153,10 @@ export class Client {
     this._ref = 0;
     this._pending = new Map(); // ref -> request sent on this socket, waiting for its reply
     this._queue = []; // requests waiting for the next connection
+    this._outbox = []; // requests for this connection, waiting for the pacing (`rate`)
+    this._tokens = this._rate();
+    this._stamp = Date.now();
+    this._pacer = 0;
     this._attempt = 0;
     this._timer = 0;
     this._closed = false;
@@ -194,8 +201,10 @@ export class Client {
     const ws = this._ws;
     this._ws = null;
     if (ws) ws.close(1000);
-    const waiting = [...this._pending.values(), ...this._queue];
+    clearTimeout(this._pacer);
+    const waiting = [...this._pending.values(), ...this._outbox.filter((entry) => entry.reply), ...this._queue];
     this._pending.clear();
+    this._outbox = [];
     this._queue = [];
     for (const entry of waiting) entry.fail(new HubbubError("closed", "the client was closed"));
     for (const room of this.rooms.values()) room._fail(new HubbubError("closed", "the client was closed"));
@@ -270,8 +279,12 @@ export class Client {
 
   _lost(event) {
     this._ws = null;
-    const pending = [...this._pending.values()];
+    clearTimeout(this._pacer);
+    this._pacer = 0;
+    // what went and what was still waiting to go, in order; joins are made again at the next open
+    const pending = [...this._pending.values(), ...this._outbox.filter((entry) => entry.reply && !entry.join)];
     this._pending.clear();
+    this._outbox = [];
     const again = [];
     for (const entry of pending) {
       if (entry.room && entry.room.left) entry.fail(new HubbubError("not_joined", "left the room before the reply"));
@@ -327,12 +340,48 @@ export class Client {
     return new Promise((resolve, reject) => this._request({ frame, reply: resolve, fail: reject, resend, room }));
   }
 
+  /** Send on this connection, now or, over the `rate`, after what already waits. */
   _transmit(entry) {
+    if (this._outbox.length || !this._take()) {
+      this._outbox.push(entry);
+      this._pace();
+    } else {
+      this._send(entry);
+    }
+  }
+
+  _rate() {
+    return this.options.rate === undefined ? 80 : this.options.rate;
+  }
+
+  /** A token bucket: `rate` per second, holding at most one second's worth. */
+  _take() {
+    const rate = this._rate();
+    if (!rate) return true;
+    const now = Date.now();
+    this._tokens = Math.min(rate, this._tokens + ((now - this._stamp) * rate) / 1000);
+    this._stamp = now;
+    if (this._tokens < 1) return false;
+    this._tokens -= 1;
+    return true;
+  }
+
+  _pace() {
+    if (this._pacer) return;
+    const wait = Math.max(1, Math.ceil(((1 - this._tokens) * 1000) / this._rate()));
+    this._pacer = setTimeout(() => {
+      this._pacer = 0;
+      if (!this._ws || !this.connected) return; // _lost has taken the outbox
+      while (this._outbox.length && this._take()) this._send(this._outbox.shift());
+      if (this._outbox.length) this._pace();
+    }, wait);
+  }
+
+  _send(entry) {
     const ref = ++this._ref;
     entry.ref = ref;
     entry.tries = (entry.tries || 0) + 1;
     if (entry.reply) this._pending.set(ref, entry);
-    if (entry.sent) entry.sent(ref);
     this._ws.send(JSON.stringify({ ...entry.frame, ref }));
   }
 
@@ -405,6 +454,7 @@ export class Room {
     this._options = options;
     this._watch = options.presence !== false;
     this._seen = new Set();
+    this._unacked = new Set(); // publishes not yet settled (acked or refused)
     this._gate = null; // while (re)joining: messages wait here until the gap before them is filled
     this._first = true;
     this._empty = false; // the room had no stored message when first joined
@@ -431,19 +481,17 @@ export class Room {
         frame: { event: "publish", room: this.name, data, key: key || randomKey() },
         resend: true,
         room: this,
-        sent: (ref) => {
-          if (this._gate) this._gate.acks.add(ref); // see _sendJoin
-        },
         reply: (ack) => {
           this._remember(ack.id);
-          this._settled(entry.ref);
+          this._settled(entry);
           resolve({ id: ack.id, ts: ack.ts });
         },
         fail: (error) => {
-          this._settled(entry.ref);
+          this._settled(entry);
           reject(error);
         },
       };
+      this._unacked.add(entry);
       this._client._request(entry);
     });
   }
@@ -498,11 +546,11 @@ export class Room {
   // -- joining, recovery ----------------------------------------------------------------------
 
   /** Send `join` (with `since` once a message was seen). Messages wait in the gate until `joined`,
-   * until whatever fills the gap before them has come, and until the publishes sent meanwhile (those
-   * sent again after a reconnect among them) are acked: a recovered copy of our own message is then
-   * recognised by its id and dropped. */
+   * until whatever fills the gap before them has come, and until every publish of ours not yet
+   * acked (those sent again after a reconnect among them) is: a recovered copy of our own message
+   * is then recognised by the id of its ack and dropped. */
   _sendJoin() {
-    const gate = { since: this.lastId, joined: null, filled: false, fill: [], buffer: [], acks: new Set() };
+    const gate = { since: this.lastId, joined: null, filled: false, fill: [], buffer: [] };
     this._gate = gate;
     const frame = { event: "join", room: this.name, meta: this.meta };
     if (!this._watch) frame.presence = false;
@@ -510,8 +558,14 @@ export class Room {
     this._client._transmit({
       frame,
       resend: false,
+      join: true,
       reply: (joined) => this._joined(joined, gate),
-      fail: (error) => error.code !== "disconnected" && this._refused(error),
+      fail: (error) => {
+        if (error.code === "disconnected" || gate !== this._gate) return; // the next open joins again
+        if (error.code !== "rate_limited") return this._refused(error);
+        // over a server's --rate-limit lower than our pacing: try again in a second, not give up
+        setTimeout(() => gate === this._gate && this._client.connected && this._sendJoin(), 1000);
+      },
     });
   }
 
@@ -587,13 +641,13 @@ export class Room {
     }
   }
 
-  _settled(ref) {
-    const gate = this._gate;
-    if (gate && gate.acks.delete(ref)) this._tryOpen(gate);
+  _settled(entry) {
+    this._unacked.delete(entry);
+    if (this._gate) this._tryOpen(this._gate);
   }
 
   _tryOpen(gate) {
-    if (gate !== this._gate || !gate.joined || !gate.filled || gate.acks.size) return;
+    if (gate !== this._gate || !gate.joined || !gate.filled || this._unacked.size) return;
     this._gate = null;
     for (const message of gate.fill) this._deliver(message, "history");
     for (const message of gate.joined.messages || []) this._deliver(message, "recovered");
