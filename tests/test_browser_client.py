@@ -216,6 +216,18 @@ def test_two_rooms_on_one_socket_publish_not_joined_and_presence(browser: Any) -
         assert h.js("() => H.room('alice', 'gamma').left") is True
         assert h.js("() => [...H.clients.alice.client.rooms.keys()].sort()") == ["alpha", "beta"]
 
+        # a callback that throws is the application's bug, reported as uncaught; the client goes on
+        h.js("""() => {
+            H.loud = [];
+            const onMessage = (m) => { H.loud.push(m.data); throw new Error("boom " + m.data); };
+            return Promise.all([H.join('bob', 'loud', {onMessage}), H.join('alice', 'loud')]);
+        }""")
+        for n in (1, 2):
+            assert "ok" in h.js("(n) => H.publish('alice', 'loud', n)", n)
+        h.wait("() => H.loud.length === 2")
+        h.wait_until(lambda: [e for e in h.errors if "boom" in e] == ["boom 1", "boom 2"], f"not reported: {h.errors}")
+        h.errors[:] = [e for e in h.errors if "boom" not in e]
+
         # presence from diffs: a status in meta, a second connection of bob, then both going
         h.js("() => H.room('bob', 'alpha').updateMeta({status: 'typing'})")
         h.wait_presence("alice", "alpha", {"alice": [{"device": "laptop"}], "bob": [{"status": "typing"}]})

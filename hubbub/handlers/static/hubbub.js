@@ -135,6 +135,21 @@ function randomKey() {
 
 const sameMeta = (a, b) => JSON.stringify(a) === JSON.stringify(b);
 
+/** Call one of the application's callbacks; if it throws, the error is reported as uncaught (in
+ * the console, or Node's handler), but after the client's own work: one bad onMessage must not
+ * leave the messages after it undelivered, or the client's state half-changed. */
+function callback(fn, ...args) {
+  if (!fn) return;
+  try {
+    fn(...args);
+  } catch (err) {
+    if (typeof globalThis.reportError === "function") globalThis.reportError(err);
+    else setTimeout(() => {
+      throw err;
+    });
+  }
+}
+
 /** One connection to a hubbub server and the rooms joined over it. Made by {@link connect}. */
 export class Client {
   /**
@@ -316,11 +331,11 @@ export class Client {
 
   _setStatus(status) {
     this.status = status;
-    if (this.options.onStatus) this.options.onStatus(status);
+    callback(this.options.onStatus, status);
   }
 
   _report(error) {
-    if (this.options.onError) this.options.onError(error);
+    callback(this.options.onError, error);
   }
 
   // -- requests and replies -----------------------------------------------------------------
@@ -574,12 +589,12 @@ export class Room {
     gate.joined = joined;
     if (joined.presence) {
       this.presence = joined.presence;
-      if (this._options.onPresence) this._options.onPresence(this.presence, null);
+      callback(this._options.onPresence, this.presence, null);
     }
     const first = this._first;
     this._first = false;
     if (first) this._resolveReady(joined);
-    if (this._options.onJoin) this._options.onJoin(joined);
+    callback(this._options.onJoin, joined);
     if (gate.since !== undefined && joined.recovered !== true) this._fill(gate, gate.since);
     else if (gate.since === undefined && !first && this._empty) this._fill(gate, ""); // "": before any id
     else gate.filled = true;
@@ -665,7 +680,7 @@ export class Room {
       this._remember(message.id);
       this.lastId = message.id;
     }
-    if (this._options.onMessage) this._options.onMessage(message, { source });
+    callback(this._options.onMessage, message, { source });
   }
 
   _remember(id) {
@@ -684,7 +699,7 @@ export class Room {
     if (client.rooms.get(this.name) === this) client.rooms.delete(this.name);
     this.left = true;
     this._gate = null;
-    if (this._options.onLeave) this._options.onLeave(reason);
+    callback(this._options.onLeave, reason);
   }
 
   _fail(error) {
@@ -706,6 +721,6 @@ export class Room {
       else delete state[user];
     }
     this.presence = state;
-    if (this._options.onPresence) this._options.onPresence(state, { joins: event.joins || {}, leaves: event.leaves || {} });
+    callback(this._options.onPresence, state, { joins: event.joins || {}, leaves: event.leaves || {} });
   }
 }
