@@ -1,14 +1,21 @@
-"""``/hubbub.js``, the JavaScript client, driven directly in headless Chromium (and once in Node).
+"""``/hubbub.js``, the JavaScript client, driven directly in headless Chromium and in Node.
 
 A page of another origin imports the module from a real ``server.py``
 (``import("http://127.0.0.1:PORT/hubbub.js")`` from ``http://localhost:PORT``: a cross-origin
-module import, so the route's CORS header is needed) and runs clients in it through
-a small harness (``HARNESS``): every status, error, message (with how it came), presence state
-and ``joined`` reply is recorded in the page, and every frame each socket sends is recorded by
-Playwright. The tests: two rooms on one socket, publishes acked with ``{id, ts}``, ``not_joined``,
-presence kept from diffs (one meta per connection), a server restart mid-conversation (rejoin
-with ``since``, a publish in flight sent again with its key, one written while down sent once),
-a token function asked again before expiry and on reconnect.
+module import, so the route's CORS header is needed; its sockets go to ``/ws`` of the page's own
+origin, as the server's Origin check wants) and runs clients in it through a small harness
+(``HARNESS``): every status, error, message (with how it came), presence state and ``joined``
+reply is recorded in the page, and every frame each socket sends is recorded by Playwright. The
+tests: two rooms on one socket, publishes acked with ``{id, ts}``, ``not_joined``, presence kept
+from diffs (one meta per connection), a callback that throws; a server restart mid-conversation
+(``/api/publish`` into one room, rejoin with ``since``, a publish in flight sent again with its
+key, one written while down sent once, nothing lost or doubled); a token function asked again
+before expiry and on reconnect. In Node: two clients; a scripted ``/ws`` that recovers and one
+that cannot; a socket that never opens; 60 rooms through a restart under the server's rate limit.
+
+Every wait gives up after ``GIVE_UP_MS`` with a message (``Harness.js`` races each evaluate
+against it: ``page.evaluate`` alone would wait forever for a Promise that never settles, which is
+how an earlier run hung); none is a speed check.
 
 Browser skipped only when no Chromium (or no Playwright) is installed *and* ``CI`` is unset (see
 ``tests/browser.py``).
@@ -108,7 +115,7 @@ class Harness:
         # context, and Chromium's Private Network Access keeps it from loopback addresses.)
         self.context.route("**/favicon.ico", lambda route: route.fulfill(status=204))
         self.page.goto(f"http://localhost:{server.port}/healthz")
-        exports = self.page.evaluate(HARNESS, server.http)
+        exports = self.js(HARNESS, server.http)
         assert exports == ["Client", "HubbubError", "Room", "connect"]
 
     def _socket(self, ws: Any) -> None:
