@@ -1,18 +1,17 @@
 """The demo page in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
-Two pages join one room over a real ``server.py``: one sends, the other shows
-it; presence shows both, then one page closes and the other sees the leave.
-Screenshots of every page land in the test's tmp dir.
+The page speaks protocol v2 through ``/hubbub.js``: one ``/ws`` socket per page for every room
+and for presence. Two pages on one real ``server.py`` chat in two rooms (a room list, switching,
+unread counts), see each other's presence with a status from ``meta`` ("typing…"), a latecomer
+reads the history, and a page comes back by itself after a server restart, sending what was
+written during the outage. Screenshots of every page land in the test's tmp dir.
 
-Skipped only when no Chromium (or no Playwright) is installed *and* ``CI`` is
-unset; under CI a missing browser fails. ``.ci/run`` installs Debian's
-``chromium``; ``playwright install`` is never needed (it downloads its own build).
+Skipped only when no Chromium (or no Playwright) is installed *and* ``CI`` is unset; under CI a
+missing browser fails (see ``tests/browser.py``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,49 +19,13 @@ from typing import Any
 
 import pytest
 
+from tests.browser import chromium
 from tests.servers import RunningServer, spawn_server
-
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-GIVE_UP_MS = 30_000  # how long an expectation retries before the test fails; never a speed check
-
-
-def find_chromium() -> str | None:
-    for candidate in (shutil.which("chromium"), "/usr/bin/chromium"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}, and CI is set: the browser test must run (see .ci/run)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the module; every test opens its own contexts (fresh profiles)."""
-    executable = find_chromium()
-    if executable is None:
-        skip_or_fail("no Chromium installed (apt-get install chromium)")
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        skip_or_fail("Playwright is not installed (pip install -e '.[test]')")
-    expect.set_options(timeout=GIVE_UP_MS)
-    with sync_playwright() as playwright:
-        # Playwright adds --headless and a fresh temporary --user-data-dir itself.
-        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
+    yield from chromium()
 
 
 class Tab:
@@ -87,6 +50,27 @@ class Tab:
         self.page.click("#join-button")
         expect(self.page.locator("#status")).to_have_attribute("data-state", "open")
 
+    def add_room(self, room: str) -> None:
+        """Add a room with the room list's form (it becomes the room on screen)."""
+        from playwright.sync_api import expect
+
+        self.page.fill("#new-room", room)
+        self.page.press("#new-room", "Enter")
+        expect(self.page.locator("#rooms li.active .name")).to_have_text(room)
+
+    def switch(self, room: str) -> None:
+        from playwright.sync_api import expect
+
+        self.room(room).locator("button.pick").click()
+        expect(self.page.locator("#rooms li.active .name")).to_have_text(room)
+
+    def room(self, room: str) -> Any:
+        """The room list's entry for ``room``."""
+        return self.page.locator("#rooms li").filter(has=self.page.get_by_text(room, exact=True))
+
+    def unread(self, room: str) -> Any:
+        return self.room(room).locator(".unread")
+
     def say(self, text: str) -> None:
         self.page.fill("#text", text)
         self.page.press("#text", "Enter")
@@ -97,18 +81,31 @@ class Tab:
     def presence(self) -> Any:
         return self.page.locator("#presence li .name")
 
+    def status_of(self, user: str) -> Any:
+        """The status line (from the user's ``meta``) under ``user`` in the presence list."""
+        return self.page.locator(f'#presence li[data-user="{user}"] .state')
+
 
 def test_get_root_serves_the_page_from_the_real_server() -> None:
-    """No browser needed: server.py wires the page in at GET /."""
-    with spawn_server() as server, urllib.request.urlopen(server.http + "/") as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
-        policy = response.headers["Content-Security-Policy"]
-        assert f"ws://{server.host}:{server.port}" in policy
-        assert b"<title>hubbub</title>" in response.read()
+    """No browser needed: server.py wires the page in at GET / and its client at GET /hubbub.js."""
+    with spawn_server() as server:
+        with urllib.request.urlopen(server.http + "/") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+            policy = response.headers["Content-Security-Policy"]
+            assert f"ws://{server.host}:{server.port}" in policy
+            assert "script-src 'self' 'sha256-" in policy  # the module import, and the one inline module
+            assert "require-trusted-types-for 'script'" in policy
+            html = response.read()
+            assert b"<title>hubbub</title>" in html
+            assert b'import { connect } from "/hubbub.js";' in html
+            assert b"new WebSocket" not in html and b'connect("/ws"' in html  # v2 only, through the client
+        with urllib.request.urlopen(server.http + "/hubbub.js") as response:
+            assert response.headers["Content-Type"] == "text/javascript"
+            assert b"export function connect(" in response.read()
 
 
-def test_two_pages_chat_and_see_each_other_come_and_go(browser: Any, tmp_path: Path) -> None:
+def test_two_pages_chat_in_two_rooms_and_see_each_other_type(browser: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     with spawn_server() as server:
@@ -125,13 +122,51 @@ def test_two_pages_chat_and_see_each_other_come_and_go(browser: Any, tmp_path: P
         bob.say("hi alice <b>not bold</b>")
         expect(alice.texts()).to_have_text(["hello bob", "hi alice <b>not bold</b>"])  # text, never HTML
 
-        carol = Tab(browser, server, width=1400)  # a latecomer sees the room's history
+        # a second room on the same socket: the room list, switching, unread counts
+        alice.add_room("random")
+        expect(alice.page.locator("#rooms li .name")).to_have_text(["general", "random"])
+        expect(alice.presence()).to_have_text(["alice"])  # the presence of the room on screen
+        expect(alice.texts()).to_have_count(0)
+        bob.add_room("random")
+        expect(alice.presence()).to_have_text(["alice", "bob"])
+        bob.switch("general")
+        alice.say("over in random")
+        expect(bob.unread("random")).to_have_text("1")
+        alice.say("still here")
+        expect(bob.unread("random")).to_have_text("2")
+        expect(bob.texts()).to_have_text(["hello bob", "hi alice <b>not bold</b>"])  # general, untouched
+        expect(bob.unread("general")).to_be_hidden()
+        bob.switch("random")
+        expect(bob.texts()).to_have_text(["over in random", "still here"])
+        expect(bob.unread("random")).to_be_hidden()
+
+        # a status from meta: bob typing shows under his name on alice's page, and clears
+        bob.page.fill("#text", "typing a long")
+        bob.page.locator("#text").press_sequentially(" answer")
+        expect(alice.status_of("bob")).to_have_text("typing…")
+        expect(alice.status_of("alice")).to_have_text("")
+        alice.page.screenshot(path=tmp_path / "alice-sees-bob-typing.png")
+        bob.page.press("#text", "Enter")  # sending stops the typing status at once
+        expect(alice.texts()).to_have_text(["over in random", "still here", "typing a long answer"])
+        expect(alice.status_of("bob")).to_have_text("")
+        bob.page.locator("#text").press_sequentially("hmm")
+        expect(alice.status_of("bob")).to_have_text("typing…")
+        expect(alice.status_of("bob")).to_have_text("")  # a pause (2.5 s) clears it by itself
+        alice.switch("general")
+        expect(alice.status_of("bob")).to_have_text("")  # typing was in random only
+
+        # a latecomer reads the room's history; its one socket carries the token
+        carol = Tab(browser, server, width=1400)
         carol.join("carol", "general", token="header.payload.signature")
         expect(carol.texts()).to_have_text(["hello bob", "hi alice <b>not bold</b>"])
-        assert [u for u in carol.sockets if "token=header.payload.signature" in u] == carol.sockets
-        assert len(carol.sockets) == 2  # /chat/general and /presence
+        carol.add_room("random")
+        expect(carol.texts()).to_have_text(["over in random", "still here", "typing a long answer"])
+        assert len(carol.sockets) == 1 and "/ws?" in carol.sockets[0]
+        assert "token=header.payload.signature" in carol.sockets[0]
         carol.context.close()
 
+        for tab in (alice, bob):
+            assert len(tab.sockets) == 1 and "/ws?" in tab.sockets[0]  # two rooms and presence, one socket
         assert bob.page.evaluate("document.documentElement.scrollWidth") <= 400  # no sideways scroll
         for name, tab in (("alice", alice), ("bob", bob)):
             tab.page.screenshot(path=tmp_path / f"{name}.png")
@@ -139,8 +174,10 @@ def test_two_pages_chat_and_see_each_other_come_and_go(browser: Any, tmp_path: P
 
         bob.context.close()
         expect(alice.presence()).to_have_text(["alice"])
+        alice.switch("random")
+        expect(alice.presence()).to_have_text(["alice"])
         alice.page.screenshot(path=tmp_path / "alice-alone.png")
-        assert alice.errors == [] and bob.errors == []  # CSP violations would show up here
+        assert alice.errors == [] and bob.errors == []  # CSP and Trusted Types violations would show up here
         alice.context.close()
 
 
@@ -153,15 +190,28 @@ def test_page_reconnects_after_the_server_restarts(browser: Any, tmp_path: Path)
         dave.join("dave", "ops")
         dave.say("before the restart")
         expect(dave.page.locator("#messages .msg.mine:not(.pending)")).to_have_count(1)
+        dave.add_room("dev")
+        dave.switch("ops")
         assert server.stop() == 0
         status = dave.page.locator("#status")
         expect(status).to_have_attribute("data-state", "reconnecting")
         expect(status).to_contain_text("reconnecting")
-        expect(dave.page.locator("#send")).to_be_disabled()
+        dave.say("during the outage")  # kept, shown as pending, sent once the server is back
+        expect(dave.page.locator("#messages .msg.mine.pending")).to_have_count(1)
         dave.page.screenshot(path=tmp_path / "dave-reconnecting.png")
-    with spawn_server("--port", str(port)):
+    with spawn_server("--port", str(port)) as again:
         expect(status).to_have_attribute("data-state", "open")
-        expect(dave.page.locator("#presence li .name")).to_have_text(["dave"])
-        expect(dave.texts()).to_have_text(["before the restart"])  # kept on the page
+        expect(dave.presence()).to_have_text(["dave"])
+        expect(dave.texts()).to_have_text(["before the restart", "during the outage"])  # kept on the page
+        expect(dave.page.locator("#messages .msg.mine:not(.pending)")).to_have_count(2)  # acked by the new one
+        dave.switch("dev")
+        expect(dave.presence()).to_have_text(["dave"])  # both rooms rejoined
+        erin = Tab(browser, again, width=800)  # the new server stored what was sent during the outage
+        erin.join("erin", "ops")
+        expect(erin.texts()).to_have_text(["during the outage"])
+        expect(erin.presence()).to_have_text(["dave", "erin"])
         dave.page.screenshot(path=tmp_path / "dave-back.png")
+        assert [e for e in dave.errors if "WebSocket connection to" not in e] == []  # refused while it was down
+        assert erin.errors == []
+        erin.context.close()
         dave.context.close()

@@ -16,9 +16,9 @@ NOW = 1_700_000_000.0
 
 
 def request(target: str, method: str = "GET", host: str = "127.0.0.1:8765") -> tuple[h11.Response, bytes]:
-    """One plain HTTP request to a core.Server serving the page, parsed by h11's client."""
+    """One plain HTTP request to a core.Server serving the page and its client, parsed by h11's client."""
     config = core.Config()
-    server = core.Server(build_router(config), config, http_routes={"/": page.index})
+    server = core.Server(build_router(config), config, http_routes={"/": page.index, "/hubbub.js": page.client_js})
     conn = server.connect(peer=("127.0.0.1", 40000), now=NOW)
     client = h11.Connection(h11.CLIENT)
     data = client.send(h11.Request(method=method, target=target, headers=[("Host", host)]))
@@ -70,20 +70,34 @@ def test_get_root_answers_the_page_with_its_headers() -> None:
 
 
 def test_policy_hashes_are_exactly_the_inline_script_and_style() -> None:
+    """script-src: the page's one inline module by hash, and 'self' for the client it imports."""
     response, body = request("/")
     html = body.decode()
     csp = directives(headers_of(response)["content-security-policy"][0])
-    scripts = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
-    styles = re.findall(r"<style>(.*?)</style>", html, re.DOTALL)
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script type="module">']  # one, inline, no src
+    scripts = re.findall(r'<script type="module">(.*?)</script>', html, re.DOTALL)
+    styles = re.findall(r"<style\b[^>]*>(.*?)</style>", html, re.DOTALL)
     assert len(scripts) == len(styles) == 1
-    assert csp["script-src"] == [sha256_source(scripts[0])]
+    assert csp["script-src"] == ["'self'", sha256_source(scripts[0])]
     assert csp["style-src"] == [sha256_source(styles[0])]
+
+
+def test_self_in_script_src_is_for_the_client_module_only() -> None:
+    """'self' is there because the inline module imports /hubbub.js: that is its only import, and
+    the page neither evaluates strings nor loads anything else from its origin."""
+    _, body = request("/")
+    [script] = re.findall(r'<script type="module">(.*?)</script>', body.decode(), re.DOTALL)
+    assert re.findall(r"""\bimport\b[^;]*?from\s*["']([^"']+)["']""", script) == ["/hubbub.js"]
+    assert "import(" not in script and "eval(" not in script and "new Function" not in script
+    assert "new WebSocket" not in script and '"event"' not in script  # no protocol code inline
+    response, client = request("/hubbub.js")
+    assert response.status_code == 200 and client == page.CLIENT
 
 
 def test_page_is_self_contained() -> None:
     _, body = request("/")
     html = body.decode()
-    assert "<script src" not in html and "<link rel=\"stylesheet\"" not in html
+    assert "<script src" not in html and "<link rel=\"stylesheet\"" not in html  # /hubbub.js: an import
     for url in re.findall(r'(?:src|href)="([^"]*)"', html):
         assert url.startswith("data:"), url  # nothing from another server or from disk
 
@@ -103,7 +117,9 @@ def test_a_hostile_host_header_cannot_reach_the_policy(host: str) -> None:
     response, _ = request("/", host=host)
     policy = headers_of(response)["content-security-policy"][0]
     assert directives(policy)["connect-src"] == ["'self'"]
-    assert directives(policy)["script-src"] == [page.SCRIPT_SRC]
+    assert directives(policy)["script-src"] == ["'self'", *page.SCRIPT_SRC.split()]
+    assert set(directives(policy)) == set(directives(page.policy(b"127.0.0.1:8765")))  # no directive injected
+    assert host not in policy
 
 
 def test_ipv6_host_is_named_in_connect_src() -> None:
@@ -132,6 +148,18 @@ def test_nothing_else_is_served_from_disk(path: str) -> None:
     response, body = request(path)
     assert response.status_code == 404
     assert body == b"not found\n"
+
+
+def test_get_hubbub_js_answers_the_client_module() -> None:
+    response, body = request("/hubbub.js")
+    headers = headers_of(response)
+    assert response.status_code == 200
+    assert headers["content-type"] == ["text/javascript"]
+    assert headers["cache-control"] == ["no-cache"]
+    assert headers["x-content-type-options"] == ["nosniff"]
+    assert headers["access-control-allow-origin"] == ["*"]  # module imports from other origins use CORS
+    assert "content-security-policy" not in headers
+    assert body == page.CLIENT and b"export function connect(" in body
 
 
 def test_post_to_the_page_is_refused() -> None:

@@ -1,11 +1,13 @@
-"""The demo page: ``GET /`` answers one self-contained HTML file (inline CSS and JS, no CDN).
+"""The demo page (``GET /``) and the JavaScript client it uses (``GET /hubbub.js``).
 
-The file ships inside the package (``hubbub/handlers/static/index.html``) and is read
-once, at import; nothing else is ever served from disk, so there is no path to
-traverse. Its Content-Security-Policy allows exactly the inline ``<style>`` and
-``<script>`` the file carries, by SHA-256 hash computed here from the file itself
-(so an edit to the page can never leave a stale hash behind), and WebSocket
-connections back to the host the browser asked for.
+Both files ship inside the package (``hubbub/handlers/static/``) and are read once, at
+import; nothing else is ever served from disk, so there is no path to traverse. The
+page is one HTML file with inline CSS and one inline module script that imports
+``/hubbub.js`` (no CDN, no build step). Its Content-Security-Policy allows exactly
+the inline ``<style>`` and ``<script>`` the file carries, by SHA-256 hash computed
+here from the file itself (so an edit to the page can never leave a stale hash
+behind), scripts from its own origin (the client module), and WebSocket connections
+back to the host the browser asked for.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ _HOST = re.compile(rb"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def _inline_hashes(tag: str, html: str) -> str:
-    """CSP hash sources for every inline ``<tag>`` element, or 'none' when there is none."""
-    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)
+    """CSP hash sources for every inline ``<tag>`` element (``<script type="module">`` too), or 'none'."""
+    bodies = re.findall(rf'<{tag}(?: type="module")?>(.*?)</{tag}>', html, re.DOTALL)
     sources = [f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies]
     return " ".join(sources) or "'none'"
 
@@ -51,7 +53,7 @@ def policy(host: bytes | None) -> str:
     return "; ".join(
         [
             "default-src 'none'",
-            f"script-src {SCRIPT_SRC}",
+            f"script-src 'self' {SCRIPT_SRC}",  # 'self': the page's module imports /hubbub.js
             f"style-src {STYLE_SRC}",
             "img-src data:",
             f"connect-src {' '.join(connect)}",
@@ -84,5 +86,10 @@ def client_js(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
         200,
         CLIENT,
         "text/javascript",  # module scripts are always decoded as UTF-8
-        [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")],
+        [
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+            # a public file: pages of other origins may import it (module scripts are fetched with CORS)
+            ("Access-Control-Allow-Origin", "*"),
+        ],
     )
