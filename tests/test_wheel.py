@@ -45,6 +45,7 @@ def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
     top = {name.split("/", 1)[0] for name in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"hubbub"}, top
     assert "hubbub/handlers/static/index.html" in names  # the demo page travels with the code
+    assert "hubbub/handlers/static/hubbub.js" in names  # and the JavaScript client
     assert "hubbub/core.py" in names and "hubbub/__main__.py" in names
     [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
     with zipfile.ZipFile(wheel) as archive:
