@@ -866,14 +866,15 @@ def parse_head(head: bytes) -> RequestHead | None:
     """The request fast path: parse a complete head (up to, not including, its blank line) the way
     h11 would, or None for anything h11 must judge itself. It takes only what nearly every client
     sends: an HTTP/1.1 request line, header lines in h11's grammar ending in CRLF (no obsolete line
-    folding), one Host, and no body (no Content-Length or Transfer-Encoding); whatever it takes, h11
-    takes the same way (``tests/test_core_fastpath.py`` checks this for random heads)."""
+    folding), one Host, and no body or one of at most one plain Content-Length (an API client's
+    POST; no Transfer-Encoding); whatever it takes, h11 takes the same way
+    (``tests/test_core_fastpath.py`` checks this for random heads)."""
     lines = head.split(b"\r\n")
     first = _REQUEST_LINE.fullmatch(lines[0])
     if first is None:
         return None
     headers = []
-    hosts = 0
+    hosts = lengths = 0
     for line in lines[1:]:
         field = _HEADER_LINE.fullmatch(line)
         if field is None:
@@ -882,10 +883,15 @@ def parse_head(head: bytes) -> RequestHead | None:
         lower = name.lower()
         if lower == b"host":
             hosts += 1
-        elif lower == b"content-length" or lower == b"transfer-encoding":
+        elif lower == b"content-length":
+            lengths += 1
+            value = field[2]
+            if not (value.isdigit() and len(value) <= 18):  # h11 judges anything else
+                return None
+        elif lower == b"transfer-encoding":
             return None
         headers.append((name, field[2]))
-    if hosts != 1:
+    if hosts != 1 or lengths > 1:
         return None
     return RequestHead(first[1], first[2], headers)
 
@@ -1337,7 +1343,7 @@ class Exchange:
     """One HTTP request to an ``HttpEndpoint`` on its way: its body arriving, then (``waiting``) its
     answer, when a backend gives it. A connection has at most one (keep-alive: one after another)."""
 
-    __slots__ = ("call", "conn_id", "parts", "size", "waiting")
+    __slots__ = ("call", "conn_id", "length", "parts", "size", "waiting")
 
     def __init__(self, conn_id: int, call: CallEndpoint) -> None:
         self.conn_id = conn_id
@@ -1345,6 +1351,9 @@ class Exchange:
         self.parts: list[bytes] = []
         self.size = 0
         self.waiting = False
+        length = call.headers.get(b"content-length")
+        self.length = int(length) if length is not None and length.isdigit() else 0
+        """The body's length, when the request fast path took the head (h11 counts it otherwise)."""
 
 
 class Connection:
@@ -1671,9 +1680,17 @@ class Connection:
         exchange = self._exchange
         assert exchange is not None
         http = self._http
-        if http is None:  # the fast path took the request: it has no body
-            return b""
         limit = self._config.max_message_size
+        if http is None:  # the fast path took the head: the body is its Content-Length bytes (none without)
+            length = exchange.length
+            if length > limit:
+                return Refuse(413, f"the body is over {limit} bytes", json=True)
+            buffered = self._inbox + data if data else self._inbox
+            if len(buffered) < length:
+                self._inbox = buffered
+                return None
+            self._inbox = buffered[length:]  # a pipelined next request, if any
+            return buffered[:length]
         try:
             if data:
                 http.receive_data(data)

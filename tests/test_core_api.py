@@ -384,3 +384,26 @@ def test_v1_and_v2_member_sees_publish_from_api_once() -> None:
     both.json()
     call(hub, "POST", "/api/publish", {"room": "one", "data": None})
     assert [e["data"] for e in both.json() if e["event"] == "message"] == [None]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_pipelined_bodies_cut_anywhere_are_read_by_the_fast_path_and_answered_in_order(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = api_hub()
+    ws = hub.join("/ws?user=w")
+    ws.send_json({"event": "join", "room": "news", "presence": False})
+    ws.json()
+    client = HttpPeer(hub)
+
+    def no_h11(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an ordinary API request must not need h11")
+
+    monkeypatch.setattr(core.h11, "Connection", no_h11)
+    stream = b"".join(request("POST", "/api/publish", {"room": "news", "data": i}) for i in range(5))
+    for start in range(0, len(stream), chunk):
+        client.feed(stream[start:start + chunk])
+    answers = client.responses()
+    assert [status for status, _, _ in answers] == [200] * 5
+    got = [e for e in ws.json() if e["event"] == "message"]
+    assert [m["data"] for m in got] == list(range(5)) and [m["id"] for m in got] == [b["id"] for _, _, b in answers]

@@ -19,6 +19,7 @@ messages as they are (with ``text``).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,11 +45,14 @@ def _room(event: Mapping[str, Any], ref: Any) -> str:
     return check_room(event.get("room"), ref)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def check_room(room: Any, ref: Any = None) -> str:
     """A room name: 1 to 200 bytes of UTF-8 without control characters (``EventError`` ``bad_room``)."""
     if not isinstance(room, str):
         raise EventError("bad_room", '"room" must be a string', ref)
-    if not 0 < len(room.encode()) <= MAX_NAME_BYTES or any(c < " " or "\x7f" <= c <= "\x9f" for c in room):
+    if not 0 < len(room.encode()) <= MAX_NAME_BYTES or _CONTROL.search(room):
         raise EventError("bad_room", f"a room name is 1 to {MAX_NAME_BYTES} bytes without control characters", ref)
     return room
 
