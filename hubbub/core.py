@@ -184,6 +184,10 @@ class Config:
         "reading the store (also bounded by --recover-ring-bytes); freed with the room"
     )
     recover_ring_bytes: int = _setting(256 * 1024, "bytes of recent messages each room keeps in memory, at most")
+    recover_memory: int = _setting(
+        64 * 1024 * 1024, "bytes the rings of all rooms hold together, at most (about): past it, a room that "
+        "gets a message halves its ring first, so many busy rooms cannot take the memory"
+    )
     recover_window: float = _setting(
         2.0, "seconds: a message published on another instance within this of since may have reached the "
         "client's old instance in another order, so a recovery with one is recovered false (the client pages "
@@ -2263,20 +2267,32 @@ class Recoveries:
         return self._waiting.pop((conn.id, name), None) is not None
 
 
+class RingBudget:
+    """The bytes every room's ``Recent`` holds, together, against ``limit`` (``--recover-memory``)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class Recent:
     """A room's newest messages as encoded, in the order its members here received them: what a short
     reconnect recovers (``join`` with ``since``) without reading the store, and what covers the
     messages that arrive while a longer recovery reads it. At most ``count`` messages and ``size``
     bytes; ``evicted`` is the greatest id that left (None: nothing has), which tells whether the
-    ring still holds everything after a given id."""
+    ring still holds everything after a given id. Its bytes count in the shared ``budget`` too: past
+    that, the ring that gets a message halves first."""
 
-    __slots__ = ("bytes", "count", "entries", "evicted", "size")
+    __slots__ = ("budget", "bytes", "count", "entries", "evicted", "size")
 
-    def __init__(self, count: int, size: int) -> None:
+    def __init__(self, count: int, size: int, budget: RingBudget) -> None:
         self.entries: deque[tuple[str, bytes, int]] = deque()  # (id, body, sender connection id or 0), oldest first
         self.bytes = 0  # of the bodies in entries
         self.count = count
         self.size = size
+        self.budget = budget
         self.evicted: str | None = None
 
     def __len__(self) -> int:
@@ -2286,17 +2302,28 @@ class Recent:
         """Keep a message (``Rooms.publish`` does the same inline, as it runs once per message)."""
         self.entries.append((message_id, body, sender))
         self.bytes += len(body)
-        if self.bytes > self.size or len(self.entries) > self.count:
+        budget = self.budget
+        budget.used += len(body)
+        if self.bytes > self.size or len(self.entries) > self.count or budget.used > budget.limit:
             self.evict()
 
     def evict(self) -> None:
-        """Drop the oldest until within ``count`` and ``size``."""
-        entries = self.entries
-        while len(entries) > self.count or self.bytes > self.size:
+        """Drop the oldest until within ``count`` and ``size``, and to half its bytes while the budget is
+        over its limit."""
+        entries, budget = self.entries, self.budget
+        size = min(self.size, self.bytes // 2) if budget.used > budget.limit else self.size
+        while entries and (len(entries) > self.count or self.bytes > size):
             old_id, old, _ = entries.popleft()
             self.bytes -= len(old)
+            budget.used -= len(old)
             if self.evicted is None or old_id > self.evicted:
                 self.evicted = old_id
+
+    def clear(self) -> None:
+        """The room goes: its bytes leave the budget."""
+        self.budget.used -= self.bytes
+        self.bytes = 0
+        self.entries.clear()
 
     def knows(self, message_id: str) -> bool:
         return any(entry[0] == message_id for entry in self.entries)
@@ -2596,7 +2623,7 @@ class Rooms:
     with a batch open in this pass, and the end of presence windows. Membership is kept on both
     sides, the room's and the connection's ``rooms``, and only here."""
 
-    __slots__ = ("_batched", "_changed", "_cluster", "_config", "_timers", "by_name")
+    __slots__ = ("_batched", "_budget", "_changed", "_cluster", "_config", "_timers", "by_name")
 
     def __init__(self, config: Config, timers: Timers, cluster: Cluster, changed: Callable[[], None]) -> None:
         self.by_name: dict[str, Room] = {}
@@ -2605,12 +2632,13 @@ class Rooms:
         self._cluster = cluster
         self._changed = changed  # this instance's presence changed (the broker should hear of it)
         self._batched: list[Room] = []  # rooms with broadcasts in this pass
+        self._budget = RingBudget(config.recover_memory)  # every room's ring, together
 
     def _room(self, name: str) -> Room:
         room = self.by_name.get(name)
         if room is None:
             config = self._config
-            room = self.by_name[name] = Room(name, Recent(config.recover_ring, config.recover_ring_bytes))
+            room = self.by_name[name] = Room(name, Recent(config.recover_ring, config.recover_ring_bytes, self._budget))
         return room
 
     def _become_member(self, conn: Connection, room: Room) -> None:
@@ -2737,13 +2765,26 @@ class Rooms:
         if room is None:
             return 0
         recent = room.recent  # Recent.add, inline: once per message
+        size = len(message.payload)
         recent.entries.append((message_id, message.payload, sender))
-        recent.bytes += len(message.payload)
-        if recent.bytes > recent.size or len(recent.entries) > recent.count:
+        recent.bytes += size
+        budget = recent.budget
+        budget.used += size
+        if recent.bytes > recent.size or len(recent.entries) > recent.count or budget.used > budget.limit:
             recent.evict()
         if not room.batching:
             self._batched.append(room)
         return room.broadcast(message, excluded)
+
+    def _drop(self, room: Room) -> None:
+        """An empty room goes, and its ring's memory with it."""
+        del self.by_name[room.name]
+        room.recent.clear()
+
+    @property
+    def ring_bytes(self) -> int:
+        """What every room's ring holds together (``--recover-memory`` bounds it)."""
+        return self._budget.used
 
     def hold(self, name: str) -> None:
         """Keep room ``name`` (and its ring) while a recovery reads the store for it."""
@@ -2754,7 +2795,7 @@ class Rooms:
         if room is not None:
             room.holds -= 1
             if room.empty:
-                del self.by_name[name]
+                self._drop(room)
 
     def leave(self, conn: Connection, name: str, now: float) -> bool:
         """``conn`` leaves room ``name`` (False: it was not in it)."""
@@ -2781,7 +2822,7 @@ class Rooms:
             self._open_window(room, now)
         self._changed()
         if room.empty and self.by_name.get(room.name) is room:
-            del self.by_name[room.name]
+            self._drop(room)
 
     def update(self, conn: Connection, name: str, meta: bytes, now: float) -> bool:
         """``conn``'s metadata in room ``name`` is now ``meta`` (False: it is not in it)."""
@@ -2888,7 +2929,7 @@ class Rooms:
                 self._become_member(conn, room)
                 room.watchers[conn] = None
         if room.empty and self.by_name.get(room.name) is room:
-            del self.by_name[room.name]
+            self._drop(room)
 
     def state_json(self, room: Room) -> bytes:
         """``{USER: [META, ...]}``: everyone in ``room`` on this instance and the others."""
@@ -3517,6 +3558,7 @@ class Server:
             "sockets": len(self.connections),
             "rooms": len(rooms),
             "presence_users": len(set().union(*(r.users for r in rooms.values()))),  # distinct, anywhere here
+            "recovery_ring_bytes": self._rooms.ring_bytes,
             "routes": by_route,
         }
 

@@ -456,3 +456,27 @@ def test_a_tag_that_never_ran_beside_this_instance_is_no_uncertainty() -> None:
     alice = hub.join("/ws?user=alice")
     reply = joined(hub, alice, "r", since=old[0]["id"])
     assert reply["recovered"] is True and [m["data"] for m in reply["messages"]] == [1, 2, "after the restart"]
+
+
+def test_every_ring_together_stays_within_recover_memory_and_is_freed_with_its_room() -> None:
+    """Many busy rooms (an attacker's, say, 100 per connection) cannot take the memory: past
+    --recover-memory the ring that gets a message halves first; a room that empties frees its ring."""
+    limit = 64 * 1024
+    hub = Hub(recover_memory=limit, rate_limit=0)
+    senders = [hub.join(f"/ws?user=s{i}") for i in range(4)]
+    for i, peer in enumerate(senders):
+        for r in range(25):
+            peer.send_json({"event": "join", "room": f"r{i}-{r}", "presence": False})
+    body = "x" * 900
+    for _ in range(8):
+        for i, peer in enumerate(senders):
+            for r in range(25):
+                publish(peer, f"r{i}-{r}", body)
+        assert hub.server.stats()["recovery_ring_bytes"] <= limit + 2 * 1024  # within one message of it
+    watcher = hub.join("/ws?user=w")
+    reply = joined(hub, watcher, "r0-0", since="0" * 22)
+    assert reply["recovered"] is False  # the halved rings cannot promise that much
+    for peer in (*senders, watcher):
+        peer.close()
+    hub.advance(0.1)
+    assert hub.server.stats()["recovery_ring_bytes"] == 0 and not hub.server.rooms
