@@ -2308,11 +2308,15 @@ class Recent:
             self.evict()
 
     def evict(self) -> None:
-        """Drop the oldest until within ``count`` and ``size``, and to half its bytes while the budget is
-        over its limit."""
+        """Drop the oldest down to three quarters of ``count`` and ``size`` (so that a full ring pays for
+        this once per quarter, not once per message), and to half its bytes while the budget is over
+        its limit."""
         entries, budget = self.entries, self.budget
-        size = min(self.size, self.bytes // 2) if budget.used > budget.limit else self.size
-        while entries and (len(entries) > self.count or self.bytes > size):
+        count = self.count * 3 // 4 if len(entries) > self.count else self.count
+        size = self.size * 3 // 4 if self.bytes > self.size else self.size
+        if budget.used > budget.limit:
+            size = min(size, self.bytes // 2)
+        while entries and (len(entries) > count or self.bytes > size):
             old_id, old, _ = entries.popleft()
             self.bytes -= len(old)
             budget.used -= len(old)
