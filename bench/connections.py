@@ -42,6 +42,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -346,6 +347,14 @@ def rss_kb(pid: int) -> int:
     raise KeyError(pid)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for(what: str, check: Any, timeout: float, every: float = 0.25) -> float:
     started = time.monotonic()
     while not check():
@@ -371,13 +380,21 @@ def controller(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    try:
+    log: list[str] = []  # the server's output, read to the end all along (a full pipe would stall its loops)
+    listening = threading.Event()
+
+    def read() -> None:
         assert server.stdout is not None
         for line in server.stdout:
+            log.append(line)
             if "listening on" in line:
-                break
-        else:
-            raise RuntimeError("the server did not start")
+                listening.set()
+        listening.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not listening.wait(30) or server.poll() is not None:
+            raise RuntimeError("the server did not start:\n" + "".join(log))
         wait_for("every worker up", lambda: get(health).get("status") == "ok", 30)
         workers = {w["worker"]: w["pid"] for w in get(health)["workers"]}
         time.sleep(1)
@@ -389,6 +406,7 @@ def controller(args: argparse.Namespace) -> int:
         big_per, big_rest = divmod(args.big - 1, args.generators)  # the sender is the big room's last member
         for g in range(args.generators):
             children.append(Child(args, g, per + (g < rest), big_per + (g < big_rest), port))
+        cpu_before = sum(cpu_s(pid) for pid in workers.values())
         started = time.perf_counter()
         for child in children:  # all connect at once: one command each, answers read in turn
             assert child.process.stdin is not None
@@ -403,18 +421,26 @@ def controller(args: argparse.Namespace) -> int:
         assert opened == args.connections, f"{opened} of {args.connections} connections open"
         wait_for("the workers to count every connection",
                  lambda: get(health).get("connections") == args.connections, 60)
+        connect_cpu = sum(cpu_s(pid) for pid in workers.values()) - cpu_before
         time.sleep(args.settle)
         spread = {w["worker"]: w["connections"] for w in get(health)["workers"]}
         full = {n: rss_kb(pid) for n, pid in workers.items()}
+        idle_before = {n: cpu_s(pid) for n, pid in workers.items()}
+        time.sleep(args.idle)  # nothing sent: what holding the connections costs (pings, presence heartbeats)
+        idle = {n: round((cpu_s(pid) - idle_before[n]) / args.idle, 3) for n, pid in workers.items()}
         per_conn = (sum(full.values()) - sum(empty.values())) / args.connections
         figures.update(connect_s=round(seconds, 2), handshakes_per_s=round(args.connections / seconds),
                        refusals=sum(a["refusals"] for a in answers), spread=spread,
                        rss_empty_mib={n: round(kb / 1024, 1) for n, kb in empty.items()},
                        rss_full_mib={n: round(kb / 1024, 1) for n, kb in full.items()},
-                       kib_per_connection=round(per_conn, 2))
+                       kib_per_connection=round(per_conn, 2),
+                       worker_cpu_us_per_connect=round(connect_cpu / args.connections * 1e6),
+                       idle_cpu_cores=idle)
         say(f"{opened:,} connections open in {seconds:.1f} s ({args.connections / seconds:,.0f}/s, "
             f"{figures['refusals']} retried), spread over the workers {spread}; RSS "
-            f"{', '.join(f'{kb / 1024:.0f}' for kb in full.values())} MiB: {per_conn:.1f} KiB per connection")
+            f"{', '.join(f'{kb / 1024:.0f}' for kb in full.values())} MiB: {per_conn:.1f} KiB per connection; "
+            f"the workers' CPU {connect_cpu / args.connections * 1e6:,.0f} us per connection opened, idle "
+            f"afterwards {idle} cores over {args.idle:.0f} s")
 
         # one message to the room of big (its members spread over every worker)
         sender_gen = children[-1]
@@ -466,7 +492,10 @@ def controller(args: argparse.Namespace) -> int:
             statuses[:] = [c.ask("status") for c in children]
             return sum(s["open"] for s in statuses) == args.connections and not any(s["reconnecting"] for s in statuses)
 
-        wait_for("every client to reconnect", all_back, 120)
+        try:
+            wait_for("every client to reconnect", all_back, args.reconnect_timeout, every=1)
+        except AssertionError:
+            raise AssertionError(f"not every client reconnected: {statuses}") from None
         reconnected_s = time.monotonic() - killed
         wait_for("the workers to count every connection",
                  lambda: get(health).get("connections") == args.connections + 1, 60)
@@ -505,6 +534,9 @@ def controller(args: argparse.Namespace) -> int:
         if args.json:
             say(json.dumps(figures))
         return 0
+    except AssertionError:
+        say("the server's last lines:\n" + "".join(log[-20:]))
+        raise
     finally:
         for child in children:
             with contextlib.suppress(Exception):
@@ -534,6 +566,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="their rate, per second")
     parser.add_argument("--kill-after", type=float, default=3.0, help="seconds into them")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before RSS is read")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measured once all are open")
+    parser.add_argument("--reconnect-timeout", type=float, default=600.0,
+                        help="seconds the killed worker's clients have to reconnect")
     parser.add_argument("--port", type=int, default=18765)
     parser.add_argument("--metrics-port", type=int, default=18766)
     parser.add_argument("--json", action="store_true")
