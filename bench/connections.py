@@ -339,6 +339,19 @@ def get(url: str) -> dict[str, Any]:
         return json.loads(exc.read())
 
 
+def counts(url: str, timeout: float = 60) -> dict[int, int]:
+    """Each worker's open connections, from the parent's /healthz: asked again while a worker's answer is
+    missing (the parent gives each 2 s; a worker busy with a storm of presence heartbeats can take longer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = get(url)["workers"]
+        if all("connections" in w for w in workers):
+            return {w["worker"]: w["connections"] for w in workers}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"a worker's /healthz did not answer within {timeout:.0f} s: {workers}")
+        time.sleep(0.25)
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -423,7 +436,7 @@ def controller(args: argparse.Namespace) -> int:
                  lambda: get(health).get("connections") == args.connections, 60)
         connect_cpu = sum(cpu_s(pid) for pid in workers.values()) - cpu_before
         time.sleep(args.settle)
-        spread = {w["worker"]: w["connections"] for w in get(health)["workers"]}
+        spread = counts(health)
         full = {n: rss_kb(pid) for n, pid in workers.items()}
         idle_before = {n: cpu_s(pid) for n, pid in workers.items()}
         time.sleep(args.idle)  # nothing sent: what holding the connections costs (pings, presence heartbeats)
@@ -444,10 +457,10 @@ def controller(args: argparse.Namespace) -> int:
 
         # one message to the room of big (its members spread over every worker)
         sender_gen = children[-1]
-        before = {w["worker"]: w["connections"] for w in get(health)["workers"]}
+        before = counts(health)
         sender_gen.ask("sender")
         wait_for("the sender counted", lambda: get(health).get("connections") == args.connections + 1, 30)
-        after = {w["worker"]: w["connections"] for w in get(health)["workers"]}
+        after = counts(health)
         sender_worker = next(n for n in after if after[n] == before[n] + 1)
         time.sleep(1)  # the sender's join reaches the other workers' members of big
         sender_gen.ask("send", tag="A", count=1, rate=100)
@@ -507,7 +520,7 @@ def controller(args: argparse.Namespace) -> int:
         figures.update(killed_worker=victim, killed_connections=spread[victim], dropped=dropped,
                        closed_by_server=closed, restarted_s=round(back_s, 2), all_reconnected_s=round(reconnected_s, 2),
                        big_kept=kept_ok + kept_bad, big_kept_lost_nothing=kept_ok,
-                       spread_after={w["worker"]: w["connections"] for w in get(health)["workers"]})
+                       spread_after=counts(health))
         say(f"worker {victim} back in {back_s:.2f} s (pid {new_pid}); {dropped:,} clients dropped and all "
             f"reconnected {reconnected_s:.1f} s after the kill; members of big never dropped: {kept_ok} of "
             f"{kept_ok + kept_bad} got all {args.paced} messages once and in order"
