@@ -40,6 +40,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.loadclient import GUID, client_frame, raise_fd_limit
 
 ROOT = Path(__file__).resolve().parent.parent
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2
 TAG = re.compile(rb'"text":"([A-Z])(\d+)"')
 
 
@@ -171,6 +173,7 @@ class Generator:
         self.dropped: set[int] = set()  # connections that were lost at least once
         self.reconnecting: set[int] = set()
         self.reconnects = 0
+        self.gave_up = 0  # reconnections abandoned after every attempt failed
         self.refusals = 0
         self.sender: Idle | None = None
 
@@ -184,8 +187,7 @@ class Generator:
         for attempt in range(attempts):
             conn = Idle(self, i, self.rooms[i])
             try:
-                await self.loop.create_connection(lambda conn=conn: conn, "127.0.0.1", self.port,
-                                                  local_addr=(self.source, 0))
+                await self.open(conn)
                 await asyncio.wait_for(conn.opened, 30)
             except (OSError, ConnectionError, TimeoutError):
                 conn.abort()
@@ -198,6 +200,21 @@ class Generator:
             self.conns[i] = conn
             return conn
         raise AssertionError("unreachable")
+
+    async def open(self, conn: Idle) -> None:
+        """Connect ``conn`` from our source address. The port is chosen at connect time
+        (IP_BIND_ADDRESS_NO_PORT), not at bind: bind would hand a retry the port it just freed, and the
+        same address pair hashes to the same worker (SO_REUSEPORT) that just refused it, every time."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
+            sock.setblocking(False)
+            await self.loop.sock_connect(sock, ("127.0.0.1", self.port))
+            await self.loop.create_connection(lambda: conn, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def connect_all(self) -> float:
         started = time.perf_counter()
@@ -225,6 +242,8 @@ class Generator:
             try:
                 await self.connect(conn.index)
                 self.reconnects += 1
+            except (OSError, ConnectionError, TimeoutError):
+                self.gave_up += 1
             finally:
                 self.reconnecting.discard(conn.index)
 
@@ -279,8 +298,7 @@ class Generator:
                 out: dict[str, Any] = {"seconds": seconds, "open": self.open_count(), "refusals": self.refusals}
             elif op == "sender":  # a fresh member of big, to send from
                 self.sender = Idle(self, -1, "big")
-                await self.loop.create_connection(lambda: self.sender, "127.0.0.1", self.port,
-                                                  local_addr=(self.source, 0))
+                await self.open(self.sender)
                 await asyncio.wait_for(self.sender.opened, 30)
                 out = {"ok": True}
             elif op == "send":
@@ -289,7 +307,8 @@ class Generator:
             elif op == "status":
                 out = {"open": self.open_count(), "reconnecting": len(self.reconnecting), "dropped": len(self.dropped),
                        "reconnects": self.reconnects, "closed_by_server": self.closed_by_server,
-                       "refusals": self.refusals, "sender_open": bool(self.sender and self.sender.open)}
+                       "refusals": self.refusals, "gave_up": self.gave_up,
+                       "sender_open": bool(self.sender and self.sender.open)}
             elif op == "report":
                 out = self.report(cmd["tag"], cmd["count"])
             elif op == "stop":
@@ -503,6 +522,8 @@ def controller(args: argparse.Namespace) -> int:
 
         def all_back() -> bool:
             statuses[:] = [c.ask("status") for c in children]
+            if any(s["gave_up"] for s in statuses):
+                raise AssertionError(f"a client gave up reconnecting: {statuses}")
             return sum(s["open"] for s in statuses) == args.connections and not any(s["reconnecting"] for s in statuses)
 
         try:
@@ -513,16 +534,19 @@ def controller(args: argparse.Namespace) -> int:
         wait_for("the workers to count every connection",
                  lambda: get(health).get("connections") == args.connections + 1, 60)
         dropped = sum(s["dropped"] for s in statuses)
+        retried = sum(s["refusals"] for s in statuses) - figures["refusals"]  # attempts refused or failed
         closed = sum(s["closed_by_server"] for s in statuses)
         paced = [c.ask("report", tag="B", count=args.paced) for c in children]
         kept_ok, kept_bad = sum(r["kept_ok"] for r in paced), sum(r["kept_bad"] for r in paced)
         new_pid = next(w["pid"] for w in get(health)["workers"] if w["worker"] == victim)
         figures.update(killed_worker=victim, killed_connections=spread[victim], dropped=dropped,
-                       closed_by_server=closed, restarted_s=round(back_s, 2), all_reconnected_s=round(reconnected_s, 2),
+                       closed_by_server=closed, reconnect_attempts_failed=retried, restarted_s=round(back_s, 2),
+                       all_reconnected_s=round(reconnected_s, 2),
                        big_kept=kept_ok + kept_bad, big_kept_lost_nothing=kept_ok,
                        spread_after=counts(health))
         say(f"worker {victim} back in {back_s:.2f} s (pid {new_pid}); {dropped:,} clients dropped and all "
-            f"reconnected {reconnected_s:.1f} s after the kill; members of big never dropped: {kept_ok} of "
+            f"reconnected {reconnected_s:.1f} s after the kill ({retried:,} attempts refused or failed on the way); "
+            f"members of big never dropped: {kept_ok} of "
             f"{kept_ok + kept_bad} got all {args.paced} messages once and in order"
             + (f" ({[p for r in paced for p in r['problems']][:3]})" if kept_bad else ""))
         assert dropped == spread[victim], f"{dropped} clients dropped, the killed worker had {spread[victim]}"
