@@ -873,7 +873,10 @@ class Shell:
                     factory = partial(TransportLink, self)
                 else:
                     factory = partial(TLSTransportLink, self, tls)
-                self._asyncio_servers.append(await asyncio.get_running_loop().create_server(factory, sock=sock))
+                # asyncio listens again on the socket it is given, with its own backlog (100) unless told
+                self._asyncio_servers.append(
+                    await asyncio.get_running_loop().create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
+                )
             tg.start_soon(self._timers)
             await self.backends.run(tg)
             task_status.started()
@@ -1023,7 +1026,10 @@ class Shell:
 # -- the command line -----------------------------------------------------------
 
 
-def listen(host: str, port: int, backlog: int = 4096, reuse_port: bool = False) -> socket.socket:
+LISTEN_BACKLOG = 4096  # connections the kernel queues before we accept them: a reconnect storm after a restart
+
+
+def listen(host: str, port: int, backlog: int = LISTEN_BACKLOG, reuse_port: bool = False) -> socket.socket:
     """A non-blocking listening socket (IPv6 when the host says so). With ``reuse_port`` (the workers
     of ``--workers``) every process listens on the same port and the kernel spreads new connections
     over them by their addresses' hash (SO_REUSEPORT)."""

@@ -79,6 +79,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def scrape_host(allowed_hosts: str | None) -> str:
+    """A Host header the workers' ``--allowed-hosts`` lets through, for the parent's own scrapes of their
+    /healthz and /metrics (which go through the same Host check as any request): 127.0.0.1 unless the
+    list leaves it out, else its first name (a ``*.example.com`` pattern as ``healthz.example.com``)."""
+    names = [name.strip().lower() for name in (allowed_hosts or "").split(",") if name.strip()]
+    if not names or "*" in names or "127.0.0.1" in names:
+        return "127.0.0.1"
+    return "healthz" + names[0][1:] if names[0].startswith("*.") else names[0]
+
+
 class Backoff:
     """The delay before a process's next start: doubling while it keeps dying young."""
 
@@ -414,7 +424,8 @@ class Supervisor:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", control), SCRAPE_TIMEOUT)
             try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+                host = scrape_host(self.args.allowed_hosts)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
                 data = await asyncio.wait_for(reader.read(), SCRAPE_TIMEOUT)
             finally:
                 writer.close()
