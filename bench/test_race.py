@@ -1,4 +1,4 @@
-"""The race in quick mode, as a test: every server runs every workload, delivers, and loses nothing.
+"""The race in quick mode, as a test: every server runs every workload it speaks, delivers, loses nothing.
 
 It checks that the race machinery and every peer still work (the contract, the load client, the pinning, the
 table, the chart); the figures of so short a run mean nothing and are not looked at, so nothing here depends on

@@ -29,3 +29,14 @@ def test_rooms_users_receive_every_message_of_their_rooms_once_across_processes(
     assert figures["out_of_order"] == 0
     assert figures["connect_failures"] == figures["unexpected_closes"] == figures["failures"] == 0
     assert " joined " in output  # the joined row: every socket joined its rooms on /ws
+
+
+def test_refused_joins_fail_the_run() -> None:
+    """A server that allows 3 rooms per connection refuses 2 of every RoomsUser's 5 joins: exit code 1."""
+    with spawn_server("--max-rooms-per-connection", "3") as server:
+        code, figures, output = run_locust(server.url, *ROOMS, "-u", "10", "-r", "10", "-t", "4s", "--settle", "0.5",
+                                           "--drain", "1")
+    assert code == 1, output[-5000:]
+    assert figures["failures"] >= 10 * 2  # an error row for every refused join
+    assert "error too_many_rooms" in output
+    assert figures["lost"] == 0  # publishes go only to the rooms joined, and those are counted exactly
