@@ -7,6 +7,7 @@ exactly the measurement window)::
     python -m bench.loadclient --url ws://127.0.0.1:PORT --pid PID full --n 1000
     python -m bench.loadclient --url ... --pid ... full --rooms 8 --n 3      # small rooms at full speed
     python -m bench.loadclient --url ... --pid ... paced --rooms 100 --members 50 --senders 5 --rate 2
+    python -m bench.loadclient --url ... --pid ... multi --rooms 100 --members 50 --per-client 10  # /ws
     python -m bench.loadclient --url ... --pid ... handshake --count 5000
     python -m bench.loadclient --url ... --pid ... memory --count 10000
 
@@ -614,7 +615,7 @@ class Pacer:
         self.measure_to = sys.maxsize
         self.latencies: list[float] = []
 
-    async def send(self, senders: list[PacedMember], rate: float) -> None:
+    async def send(self, senders: list[PacedMember] | list[Publisher], rate: float) -> None:
         self.room_of = [sender.room for sender in senders]
         self.sending = True
         interval = 1.0 / (rate * len(senders))
@@ -630,7 +631,7 @@ class Pacer:
                 sender = slot % len(senders)
                 self.sender_of.append(sender)
                 self.sent_at.append(time.perf_counter())
-                senders[sender].send(chat_frame(chat_text(seq)))
+                senders[sender].say(seq)
                 slot += 1
             await asyncio.sleep(max(TICK, start + slot * interval - time.perf_counter()))
 
@@ -638,9 +639,10 @@ class Pacer:
         run = self.run
         run.received += 1
         sender = self.sender_of[seq]
-        if self.room_of[sender] != member.room:
+        if self.room_of[sender] not in member.rooms:
             run.misrouted += 1
-            run.fail(f"member {member.index} of room {member.room} got message {seq} of room {self.room_of[sender]}")
+            run.fail(f"member {member.index} of rooms {sorted(member.rooms)} got message {seq} of room "
+                     f"{self.room_of[sender]}")
         elif seq <= member.last.get(sender, -1):
             run.out_of_order += 1
             run.fail(f"member {member.index}: message {seq} after {member.last[sender]} from the same sender")
@@ -655,9 +657,14 @@ class PacedMember(Conn):
     def __init__(self, run: Run, index: int, path: str, room: int, pacer: Pacer) -> None:
         super().__init__(run, index, path)
         self.room = room
+        self.rooms = {room}  # the rooms whose messages it may receive
         self.pacer = pacer
         self.carry = b""  # the end of the last read, where an unfinished marker and number may start
         self.last: dict[int, int] = {}  # sender -> the last number received from it
+
+    def say(self, seq: int) -> None:
+        """Send paced message ``seq`` to its room (as a sender, it is in one)."""
+        self.send(chat_frame(chat_text(seq)))
 
     def frames(self, data: bytes) -> None:
         if not self.joined:
@@ -675,6 +682,65 @@ class PacedMember(Conn):
             at = buf.find(MARKER, done)
         self.carry = buf[max(done, end - FIELD + 1) :]
         self.watch_close(data)
+
+
+JOINED = b'"event":"joined"'  # in the server's reply to each /ws join
+ERROR = b'"event":"error"'
+
+
+def ws_room(room: int) -> bytes:
+    """The name of multi-room room ``room`` on /ws."""
+    return b"multi%d" % room
+
+
+class MultiMember(PacedMember):
+    """One /ws socket in several rooms (multi): joins them all, then parses every message like a paced member.
+
+    The join barrier is the server's own: a ``joined`` reply for every room (``"presence": false``, so no
+    presence events follow, as a v1 member's messages are all chat). Messages of every room it is in arrive on
+    this one socket; the sender of each (a (member, room) pair) says which room it was, so a message of a room
+    it is not in is misrouted, and order is checked per sender, as in the paced rooms.
+    """
+
+    def __init__(self, run: Run, index: int, rooms: list[int], pacer: Pacer) -> None:
+        super().__init__(run, index, f"/ws?user=w{index}", rooms[0], pacer)
+        self.rooms = set(rooms)
+        self.joins = 0
+        self.buffer = b""
+
+    def join(self) -> None:
+        self.send(b"".join(client_frame(b'{"event":"join","room":"%s","presence":false}' % ws_room(room))
+                           for room in sorted(self.rooms)))
+
+    def past_barrier(self, data: bytes) -> bytes:
+        buf = self.buffer + data
+        self.joins += buf.count(JOINED)
+        if ERROR in buf:
+            self.run.fail(f"member {self.index}: {buf[buf.find(ERROR) - 1 :][:200]!r}")
+        self.buffer = buf[-len(JOINED) + 1 :]
+        self.watch_close(data)
+        if self.joins < len(self.rooms):
+            return b""
+        self.joined = True
+        self.buffer = b""
+        return b""  # nothing is sent before every member has every joined reply
+
+    def frames(self, data: bytes) -> None:
+        if self.joined and ERROR in data:  # a refused publish: its ack never comes, nor its deliveries
+            self.run.fail(f"member {self.index}: {data[data.find(ERROR) - 1 :][:200]!r}")
+        super().frames(data)
+
+
+@dataclass(frozen=True)
+class Publisher:
+    """A multi-room sender: one member's socket, publishing to one of its rooms."""
+
+    conn: MultiMember
+    room: int
+
+    def say(self, seq: int) -> None:
+        self.conn.send(client_frame(b'{"event":"publish","room":"%s","data":"%s"}'
+                                    % (ws_room(self.room), chat_text(seq))))
 
 
 def latency_ms(latencies: list[float]) -> dict[str, Any]:
@@ -776,6 +842,76 @@ async def paced(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+def memberships(rooms: int, members: int, per_client: int) -> list[list[int]]:
+    """Each multi-room client's rooms: ``rooms * members / per_client`` clients, each in ``per_client`` distinct
+    rooms, every room with ``members`` distinct clients, rooms sharing members in varying combinations.
+
+    Client ``c`` (row ``q``, column ``r`` of ``divmod(c, rooms)``) is in rooms ``(r + k * s) % rooms`` for
+    ``k < per_client``, with the row's step ``s = 1 + q % (rooms // per_client)``: ``(per_client - 1) * s <
+    rooms``, so its rooms are distinct; each row puts one member in every room for each ``k``.
+    """
+    if rooms % per_client or members % per_client:
+        raise ValueError("--rooms and --members must both be multiples of --per-client")
+    spread = rooms // per_client
+    clients = rooms * members // per_client
+    return [[(c % rooms + k * (1 + c // rooms % spread)) % rooms for k in range(per_client)] for c in range(clients)]
+
+
+async def multi(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """The paced rooms on /ws, each client one socket in ``per_client`` rooms: CPU per delivery and latency.
+
+    The same rooms, members, senders and rate as ``paced`` (and so the same deliveries per second), with a
+    tenth of the sockets at 10 rooms each: what multiplexing costs, or saves, per delivery.
+    """
+    if args.members < 2 or not 1 <= args.senders <= args.members:
+        raise ValueError("a room needs at least 2 members, and 1 to --members senders")
+    pacer = Pacer(run)
+    rooms_of = memberships(args.rooms, args.members, args.per_client)
+    started = time.perf_counter()
+    conns = await run.open(lambda i: MultiMember(run, i, rooms_of[i], pacer), len(rooms_of), args.in_flight)
+    for conn in conns:
+        conn.join()
+    deadline = time.perf_counter() + 15.0
+    while not all(conn.joined for conn in conns):
+        if run.failed.is_set():
+            raise RuntimeError("failed while joining")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{sum(not conn.joined for conn in conns)} members never had every joined reply")
+        await run.sleep(0.01)
+    connect_s = time.perf_counter() - started
+    members_of: list[list[MultiMember]] = [[] for _ in range(args.rooms)]
+    for conn in conns:
+        for room in rooms_of[conn.index]:
+            members_of[room].append(conn)
+    publishers = [Publisher(conn, room) for room, members in enumerate(members_of) for conn in members[: args.senders]]
+    sending = asyncio.create_task(pacer.send(publishers, args.rate))
+    await run.sleep(args.warmup)
+    pacer.measure_from = len(pacer.sent_at)
+    first = Sample.take(run)
+    await run.sleep(args.measure)
+    last = Sample.take(run)
+    pacer.measure_to = len(pacer.sent_at)
+    pacer.sending = False
+    await sending
+    expected = len(pacer.sent_at) * (args.members - 1)
+    drain_s = await run.drain(lambda: run.received >= expected, args.drain)
+    figures = {
+        "connect_s": round(connect_s, 3),
+        "sockets": len(conns),
+        "rooms_per_socket": args.per_client,
+        **window(first, last, args.members - 1),
+        "messages_sent": len(pacer.sent_at),
+        "late_sends": pacer.late,
+        "max_send_lateness_ms": round(pacer.max_late * 1e3, 3),
+        **latency_ms(pacer.latencies),
+        **losses(expected, run.received),
+        "drain_s": round(drain_s, 3),
+        "server_peak_rss_kb": run.server.memory_kb("VmHWM"),
+    }
+    await run.close(conns)
+    return figures
+
+
 async def handshakes(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     """``count`` upgrades, ``in_flight`` at a time: total seconds and server CPU per handshake."""
     first = Sample.take(run)
@@ -816,6 +952,7 @@ async def memory(run: Run, args: argparse.Namespace) -> dict[str, Any]:
 WORKLOADS: dict[str, Callable[[Run, argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "full": full_speed,
     "paced": paced,
+    "multi": multi,
     "handshake": handshakes,
     "memory": memory,
 }
@@ -870,6 +1007,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pace.add_argument("--senders", type=int, default=5, help="senders per room")
     pace.add_argument("--rate", type=float, default=2.0, help="messages per second per sender")
     timed(pace)
+    many = workloads.add_parser("multi", help="paced rooms on /ws (hubbub only), each socket in several rooms")
+    many.add_argument("--rooms", type=int, default=100)
+    many.add_argument("--members", type=int, default=50, help="members per room, senders included")
+    many.add_argument("--per-client", type=int, default=10, help="rooms each socket joins")
+    many.add_argument("--senders", type=int, default=5, help="senders per room")
+    many.add_argument("--rate", type=float, default=2.0, help="messages per second per sender")
+    timed(many)
     shake = workloads.add_parser("handshake", help="many upgrades, a few at a time")
     shake.add_argument("--count", type=int, default=5000)
     mem = workloads.add_parser("memory", help="server RSS per idle connection")

@@ -4,6 +4,7 @@
     python -m bench.race --quick          # CI: every server, small rooms, one round, short windows
     python -m bench.race --servers hubbub,limit --workloads full --n 1000 --rounds 5
     python -m bench.race --servers hubbub,limit --workloads small,small-paced --small-n 3 --rounds 5
+    python -m bench.race --servers hubbub --workloads rooms,multi --rounds 3   # one socket in 10 rooms
 
 Every server speaks one contract (summed up in bench/peers/_common.py): the same routes and the same message,
 built and serialised once per message. Each (round, server, workload) gets a fresh server process, pinned to one core
@@ -21,6 +22,10 @@ Workloads, with their default sizes (the load client, bench/loadclient.py, says 
   receivers got) and server CPU per inbound message, besides deliveries/s. Most real rooms are small: there the
   cost per message read, not per recipient written, decides.
 - ``rooms``: 100 rooms of 50, the first 5 members of each sending 2 messages/s; CPU per delivery, p50/p99 latency.
+- ``multi``: the ``rooms`` workload (the same rooms, members, senders and rate, so the same deliveries/s) on
+  hubbub's ``/ws`` protocol, each socket in 10 of the rooms (500 sockets, not 5000), messages spread over them;
+  CPU per delivery beside ``rooms``'s, p50/p99 latency. hubbub only: no peer speaks /ws, so the race skips it for
+  them (a line on stderr, no record).
 - ``small-paced``: 200 rooms of 5, every member sending 2 messages/s; CPU per inbound message, p50/p99 latency.
 - ``latency``: one room of 5000, one sender at 5 messages/s; p50/p99/max delivery latency.
 - ``handshake``: 10,000 upgrades, 64 in flight; seconds.
@@ -74,7 +79,10 @@ SERVERS: dict[str, list[str]] = {
 # Every race client connects from 127.0.0.1: hubbub's per-address connection limit (0 turns it off) would refuse
 # most of them. A server ignores an environment variable it does not know.
 ENVIRONMENT: dict[str, dict[str, str]] = {"hubbub": {"HUBBUB_MAX_CONNECTIONS_PER_ADDRESS": "0"}}
-WORKLOADS = ("full", "small", "rooms", "small-paced", "latency", "handshake", "memory")
+WORKLOADS = ("full", "small", "rooms", "multi", "small-paced", "latency", "handshake", "memory")
+# Workloads only some servers speak: ``multi`` is on hubbub's /ws protocol (one socket, many rooms), which no peer
+# has; the race skips it for the others (no run, no record, a line on stderr) rather than failing them.
+ONLY: dict[str, frozenset[str]] = {"multi": frozenset({"hubbub"})}
 LIBRARIES = ("websockets", "aiohttp", "picows", "socketify", "uvloop", "wsproto", "anyio", "matplotlib")
 STOP_GRACE = 5.0  # seconds a server has to exit after SIGTERM (the contract asks for 2)
 
@@ -82,14 +90,14 @@ STOP_GRACE = 5.0  # seconds a server has to exit after SIGTERM (the contract ask
 FULL = {
     "rounds": 3, "n": "1000,5000", "window": 64, "warmup": 1.0, "measure": 5.0, "drain": 15.0, "in_flight": 64,
     "small_n": "3,20", "small_rooms": 8,
-    "rooms": 100, "room_size": 50, "senders": 5, "rate": 2.0,
+    "rooms": 100, "room_size": 50, "senders": 5, "rate": 2.0, "rooms_per_socket": 10,
     "small_paced_rooms": 200, "small_paced_size": 5, "small_paced_rate": 2.0,
     "fanout": 5000, "fanout_rate": 5.0, "handshakes": 10000, "idle": 10000, "settle": 1.0,
 }
 QUICK = FULL | {
     "rounds": 1, "n": "100", "warmup": 0.1, "measure": 0.3, "drain": 5.0,
     "small_n": "3", "small_rooms": 4,
-    "rooms": 10, "room_size": 10, "senders": 2, "rate": 10.0,
+    "rooms": 10, "room_size": 10, "senders": 2, "rate": 10.0, "rooms_per_socket": 5,
     "small_paced_rooms": 20, "small_paced_size": 5, "small_paced_rate": 10.0,
     "fanout": 200, "fanout_rate": 20.0, "handshakes": 200, "idle": 200, "settle": 0.2,
 }
@@ -99,9 +107,12 @@ QUICK = FULL | {
 class Workload:
     """One column group of the race: a name, the load client's arguments, and how long it may take."""
 
-    key: str  # "full-1000", "small-3", "rooms", "small-paced", "latency", "handshake", "memory"
+    key: str  # "full-1000", "small-3", "rooms", "multi", "small-paced", "latency", "handshake", "memory"
     argv: tuple[str, ...]
     timeout: float
+
+    def runs_on(self, server: str) -> bool:
+        return server in ONLY.get(self.key, (server,))
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
@@ -122,6 +133,12 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
             chosen.append(Workload("rooms", (
                 "paced", "--rooms", str(args.rooms), "--members", str(args.room_size),
                 "--senders", str(args.senders), "--rate", str(args.rate), *timed), 60 + members / 50 + timed_s))
+        elif name == "multi":  # the rooms workload's rooms, members, senders and rate, on /ws sockets in many rooms
+            members = args.rooms * args.room_size
+            chosen.append(Workload("multi", (
+                "multi", "--rooms", str(args.rooms), "--members", str(args.room_size),
+                "--per-client", str(args.rooms_per_socket), "--senders", str(args.senders), "--rate", str(args.rate),
+                *timed), 60 + members / 50 + timed_s))
         elif name == "small-paced":
             members = args.small_paced_rooms * args.small_paced_size
             chosen.append(Workload("small-paced", (
@@ -308,6 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     option("--room-size", int, "rooms workload: members per room")
     option("--senders", int, "rooms workload: senders per room")
     option("--rate", float, "rooms workload: messages/s per sender")
+    option("--rooms-per-socket", int, "multi workload (the rooms workload on hubbub's /ws): rooms each socket joins")
     option("--small-paced-rooms", int, "small-paced workload: rooms")
     option("--small-paced-size", int, "small-paced workload: members per room, every one a sender")
     option("--small-paced-rate", float, "small-paced workload: messages/s per member")
@@ -363,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             shift = round_ % len(args.servers)
             for name in args.servers[shift:] + args.servers[:shift]:
                 for workload in chosen:
+                    if not workload.runs_on(name):
+                        if round_ == 0:
+                            print(f"{name} skips {workload.key}: it speaks only v1 /chat/ROOM", file=sys.stderr)
+                        continue
                     record = {"race": race_id, "time": datetime.now(UTC).isoformat(timespec="seconds"),
                               "round": round_ + 1, "quick": args.quick, "settings": settings,
                               "pinned": {"server_cpu": pins[0], "client_cpu": pins[1]} if pins else None,

@@ -124,6 +124,7 @@ def columns(key: str) -> list[str]:
         return [f"{key} in msg/s", f"{key} µs/in u+s"]
     return {
         "rooms": ["rooms µs/deliv u+s", "rooms p50/p99 ms"],
+        "multi": ["multi µs/deliv u+s", "multi p50/p99 ms"],
         "small-paced": ["small-paced µs/in u+s", "small-paced p50/p99 ms"],
         "latency": ["fan-out p50/p99/max ms"],
         "handshake": ["handshakes s (µs)"],
@@ -150,7 +151,7 @@ def cells(key: str, figures: dict[str, float] | None, base: dict[str, float]) ->
         return [rate("deliveries_per_s"), cpu("delivery")]
     if pipelined(key):
         return [rate("inbound_per_s"), cpu("inbound")]
-    if key == "rooms":
+    if key in ("rooms", "multi"):
         return [cpu("delivery"), latency()]
     if key == "small-paced":
         return [cpu("inbound"), latency()]
@@ -172,7 +173,9 @@ def table(standings: dict[str, Standing], servers: list[str], keys: list[str]) -
         lost = str(standing.lost) + (f" ({standing.closes} closed)" if standing.closes else "")
         saturated = [f"{key} {len(busy)}/{standing.runs[key]} ({statistics.median(busy):.0%})"
                      for key, busy in standing.saturated.items()]
-        rows.append([name, *(cell for key in keys for cell in cells(key, standing.medians.get(key), base.get(key, {}))),
+        rows.append([name, *(cell for key in keys for cell in (
+                         cells(key, standing.medians.get(key), base.get(key, {})) if standing.runs[key]
+                         else ["-"] * len(columns(key)))),  # a workload it does not speak (multi: /ws)
                      lost + (" FAIL" if standing.failures else ""), ", ".join(saturated) or "-"])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
@@ -196,6 +199,9 @@ def legend(settings: dict[str, Any], keys: list[str]) -> str:
                          "read from senders and fanned out (deliveries / (N - 1)).",
         "rooms": lambda: f"rooms: {settings['rooms']} rooms of {settings['room_size']}, {settings['senders']} senders "
                          f"each at {settings['rate']:g} messages/s.",
+        "multi": lambda: f"multi: the rooms workload on hubbub's /ws, each socket in {settings['rooms_per_socket']} of "
+                         f"the rooms ({settings['rooms'] * settings['room_size'] // settings['rooms_per_socket']} "
+                         "sockets), messages spread over them; hubbub only (no peer speaks /ws).",
         "small-paced": lambda: f"small-paced: {settings['small_paced_rooms']} rooms of "
                                f"{settings['small_paced_size']}, every member sending "
                                f"{settings['small_paced_rate']:g} messages/s.",
@@ -207,11 +213,11 @@ def legend(settings: dict[str, Any], keys: list[str]) -> str:
                           f"peak MB: the server's peak RSS (VmHWM, MiB), all {settings['idle']} open.",
     }
     paragraphs = [" ".join(sentence() for name, sentence in sentences.items() if name in ran)]
-    if ran & {"full", "small", "rooms", "small-paced"}:
+    if ran & {"full", "small", "rooms", "multi", "small-paced"}:
         paragraphs.insert(0, f"u+s: server CPU microseconds, user+sys, from /proc/PID/stat over the "
                              f"{settings['measure']} s window, per delivery (µs/deliv) or per inbound message "
                              f"(µs/in). Nx: N times {BASELINE}'s figure.")
-    if ran & {"rooms", "small-paced", "latency"}:
+    if ran & {"rooms", "multi", "small-paced", "latency"}:
         paragraphs.append("p50/p99: delivery latency, receive minus send time, one clock (the client's).")
     paragraphs.append(
         "lost: deliveries lost or duplicated, every run. client-saturated: runs where the client was busy (running or "
@@ -221,10 +227,26 @@ def legend(settings: dict[str, Any], keys: list[str]) -> str:
     return "\n".join(textwrap.fill(paragraph, WIDTH) for paragraph in paragraphs)
 
 
+MULTI_TARGET = 1.15  # issue 14: CPU per delivery with 10 rooms per socket, at most this times one room per socket
+
+
+def multi_ratio(standing: Standing) -> float | None:
+    """A server's median CPU per delivery in ``multi`` over its median in ``rooms`` (same run), if it ran both."""
+    multi, rooms = standing.medians.get("multi"), standing.medians.get("rooms")
+    if not multi or not rooms or not rooms.get("server_us_per_delivery"):
+        return None
+    return multi["server_us_per_delivery"] / rooms["server_us_per_delivery"]
+
+
 def notes(standings: dict[str, Standing], servers: list[str]) -> list[str]:
     """What to know before believing the table: failures, disturbed runs, a paced client that fell behind."""
     ranked = [(name, standings[name]) for name in servers if name in standings]
     lines = [f"- {name} FAILED {failure}" for name, standing in ranked for failure in standing.failures]
+    for name, standing in ranked:
+        if (multi := multi_ratio(standing)) is not None:
+            per = [standing.medians[key]["server_us_per_delivery"] for key in ("multi", "rooms")]
+            lines.append(f"- {name} multi/rooms server CPU per delivery: {per[0]:.2f} / {per[1]:.2f} µs = {multi:.2f}x "
+                         f"({'within' if multi <= MULTI_TARGET else 'over'} the {MULTI_TARGET}x target)")
     for what, runs in (
         (f"server or client waited over {CONTENDED:.0%} of the window for a CPU something else had (another "
          "process or kernel threads)", {name: standing.contended for name, standing in ranked}),

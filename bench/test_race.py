@@ -1,4 +1,4 @@
-"""The race in quick mode, as a test: every server runs every workload, delivers, and loses nothing.
+"""The race in quick mode, as a test: every server runs every workload it speaks, delivers, loses nothing.
 
 It checks that the race machinery and every peer still work (the contract, the load client, the pinning, the
 table, the chart); the figures of so short a run mean nothing and are not looked at, so nothing here depends on
@@ -11,11 +11,12 @@ import json
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from bench.loadclient import chat_burst, chat_text
+from bench.loadclient import chat_burst, chat_text, memberships
 from bench.race import QUICK, ROOT, SERVERS, parse_args, workloads
 from bench.report import columns
 
@@ -31,9 +32,12 @@ def test_quick_race_every_server_delivers_everything(tmp_path: Path) -> None:
     assert race.returncode == 0, race.stdout + race.stderr
     records = [json.loads(line) for line in results.read_text().splitlines()]
     ran = {(record["server"], record["workload"]) for record in records}
-    keys = [workload.key for workload in workloads(parse_args(["--quick"]))]
-    assert {*(f"small-{n}" for n in QUICK["small_n"].split(",")), "small-paced", "handshake", "memory"} <= set(keys)
-    expected = {(server, key) for server in SERVERS for key in keys}
+    chosen = workloads(parse_args(["--quick"]))
+    keys = [workload.key for workload in chosen]
+    assert {*(f"small-{n}" for n in QUICK["small_n"].split(",")), "small-paced", "handshake", "memory",
+            "multi"} <= set(keys)
+    expected = {(server, w.key) for server in SERVERS for w in chosen if w.runs_on(server)}
+    assert ("hubbub", "multi") in expected and ("limit", "multi") not in expected  # /ws: hubbub only
     assert ran == expected
     for record in records:
         where = f"{record['server']} {record['workload']}"
@@ -49,7 +53,12 @@ def test_quick_race_every_server_delivers_everything(tmp_path: Path) -> None:
         if record["workload"] == "memory":
             assert result["server_peak_rss_kb"] >= result["rss_full_kb"] > 0, where
         assert record["versions"]["websockets"] and record["machine"]["cpus"], where
+    multi = next(record["result"] for record in records if record["workload"] == "multi")
+    assert multi["sockets"] * multi["rooms_per_socket"] == QUICK["rooms"] * QUICK["room_size"]
+    assert "hubbub multi/rooms server CPU per delivery" in race.stdout  # the ratio against the 1.15x target
     for server in SERVERS:
+        if server != "hubbub":
+            assert f"{server} skips multi" in race.stderr
         assert f"| {server} " in race.stdout
     for key in keys:
         for column in columns(key):
@@ -70,3 +79,13 @@ def test_chat_burst_is_masked_chat_frames() -> None:
     ]
     keys = {burst[at + 2 : at + 6] for at in range(0, len(burst), len(burst) // 32)}
     assert len(keys) > 1  # a fresh key per frame, not one per burst
+
+
+def test_multi_room_memberships_are_balanced_and_mixed() -> None:
+    """Each socket in its own rooms, each room with exactly its members, and not one fixed set of rooms."""
+    for rooms, members, per_client in ((100, 50, 10), (QUICK["rooms"], QUICK["room_size"], QUICK["rooms_per_socket"])):
+        clients = memberships(rooms, members, per_client)
+        assert len(clients) == rooms * members // per_client
+        assert all(len(set(joined)) == per_client for joined in clients)
+        assert set(Counter(room for joined in clients for room in joined).values()) == {members}
+        assert len({frozenset(joined) for joined in clients}) > rooms // per_client  # not mere partitions

@@ -180,3 +180,58 @@ def test_a_member_joining_mid_pass_gets_only_what_follows() -> None:
     )
     assert bytes(world.got[second]) == bytes(world.want[second])
     assert world.got[first] == b""
+
+
+# Members of several rooms, joining and leaving between messages: the ops above, with joins and leaves
+# weighted so that most connections are in two or three rooms at once and change rooms every pass.
+churn = st.one_of(
+    st.tuples(st.just("broadcast"), st.integers(0, 2), st.integers(0, 20), message_size),
+    st.tuples(st.just("broadcast"), st.integers(0, 2), st.integers(0, 20), message_size),
+    st.tuples(st.just("join"), st.integers(0, 20), st.integers(0, 2), message_size),
+    st.tuples(st.just("join"), st.integers(0, 20), st.integers(0, 2), message_size),
+    st.tuples(st.just("leave"), st.integers(0, 20), st.integers(0, 2), message_size),
+    st.tuples(st.just("send"), st.integers(0, 20), message_size),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=specs, passes=st.lists(st.lists(churn, max_size=16), min_size=1, max_size=5),
+       joins=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 2)), max_size=12))
+def test_members_of_several_rooms_get_each_rooms_messages_once_in_order_one_write_per_room(
+    specs: list[tuple[int, int]], passes: list[list[tuple[Any, ...]]], joins: list[tuple[int, int]]
+) -> None:
+    """Each connection gets each of its rooms' messages once and in order (exactly the bytes one frame per
+    message would give), and per pass at most one shared write per room it was in during the pass (a room's
+    broadcasts of the pass, encoded once per compression group) besides its own output (one write)."""
+    world = World(specs)
+    for conn_index, room_index in joins:  # start in several rooms
+        world.apply(("join", conn_index, room_index, 5), 0)
+    world.end_pass(shared_path=True)
+    n = 0
+    for one_pass in passes:
+        was_in = {conn: {room for room, members in world.members.items() if conn in members} for conn in world.conns}
+        broadcast_rooms = set()
+        for op in one_pass:
+            n += 1
+            world.apply(op, n)
+            if op[0] == "join":
+                conn = world.conns[op[1] % len(world.conns)]
+                if conn in world.members[ROOMS[op[2]]]:
+                    was_in[conn].add(ROOMS[op[2]])
+            elif op[0] == "broadcast":
+                broadcast_rooms.add(ROOMS[op[1]])
+        shared = world.server.take_shared()
+        groups = {conn.deflate_bits for conn in world.conns}
+        assert len(shared) <= len(broadcast_rooms) * len(groups)  # encoded once per room and compression group
+        for conn in world.server.pending():  # its own output and what did not fit a shared batch: one write,
+            world.got[conn] += conn.data_to_send()  # first, as the shell does
+        writes: dict[core.Connection, int] = {}
+        for data, members in shared:
+            assert len(members) == len(set(members))
+            for conn in members:
+                writes[conn] = writes.get(conn, 0) + 1
+                world.got[conn] += data
+        for conn, count in writes.items():
+            assert count <= len(was_in[conn] & broadcast_rooms), (conn, count, was_in[conn])
+    for conn in world.conns:
+        assert bytes(world.got[conn]) == bytes(world.want[conn]), conn
