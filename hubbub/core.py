@@ -97,6 +97,7 @@ __all__ = [
     "Unauthorized",
     "Upgrade",
     "UsageError",
+    "compact",
     "decode_event",
     "encode_frame",
     "healthz",
@@ -465,6 +466,13 @@ class OutboundMessage:
             frame = encode_frame(self.opcode, deflate(self.payload, window_bits, self._level), rsv1=True)
             deflated[window_bits] = frame
         return frame
+
+
+def compact(data: bytes) -> bytes:
+    """``data`` in a bytes object of its own size. orjson's output keeps the buffer it wrote into (about
+    4 KiB for a short message): what is kept for long (a room's recent messages, a member's metadata)
+    is copied first, or it would cost that much each."""
+    return bytes(memoryview(data))
 
 
 def text_message(payload: Mapping[str, Any], config: Config) -> OutboundMessage:
@@ -2283,13 +2291,17 @@ class Recent:
     messages that arrive while a longer recovery reads it. At most ``count`` messages and ``size``
     bytes; ``evicted`` is the greatest id that left (None: nothing has), which tells whether the
     ring still holds everything after a given id. Its bytes count in the shared ``budget`` too: past
-    that, the ring that gets a message halves first."""
+    that, the ring that gets a message halves first.
+
+    It keeps each message as the frame that went out (its plain, unmasked text frame: a bytes object of
+    its own size, already made), not the encoder's output, which orjson leaves in a buffer of about
+    4 KiB; the accessors give the message itself (``_unframe``)."""
 
     __slots__ = ("budget", "bytes", "count", "entries", "evicted", "size")
 
     def __init__(self, count: int, size: int, budget: RingBudget) -> None:
-        self.entries: deque[tuple[str, bytes, int]] = deque()  # (id, body, sender connection id or 0), oldest first
-        self.bytes = 0  # of the bodies in entries
+        self.entries: deque[tuple[str, bytes, int]] = deque()  # (id, frame, sender connection id or 0), oldest first
+        self.bytes = 0  # of the frames in entries
         self.count = count
         self.size = size
         self.budget = budget
@@ -2298,12 +2310,12 @@ class Recent:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, message_id: str, body: bytes, sender: int = 0) -> None:
-        """Keep a message (``Rooms.publish`` does the same inline, as it runs once per message)."""
-        self.entries.append((message_id, body, sender))
-        self.bytes += len(body)
+    def add(self, message_id: str, frame: bytes, sender: int = 0) -> None:
+        """Keep a message as its plain frame (``Rooms.publish`` does the same inline: once per message)."""
+        self.entries.append((message_id, frame, sender))
+        self.bytes += len(frame)
         budget = self.budget
-        budget.used += len(body)
+        budget.used += len(frame)
         if self.bytes > self.size or len(self.entries) > self.count or budget.used > budget.limit:
             self.evict()
 
@@ -2333,12 +2345,13 @@ class Recent:
         return any(entry[0] == message_id for entry in self.entries)
 
     def since(self, message_id: str) -> list[tuple[str, bytes, int]] | None:
-        """What came after ``message_id``, oldest first, in this room's order here; None: not held."""
+        """What came after ``message_id``, oldest first, in this room's order here (id, message, sender);
+        None: not held."""
         later: list[tuple[str, bytes, int]] = []
         for entry in reversed(self.entries):  # from the newest: the cost is what was missed
             if entry[0] == message_id:
                 later.reverse()
-                return later
+                return [(later_id, _unframe(frame), sender) for later_id, frame, sender in later]
             later.append(entry)
         return None
 
@@ -2347,10 +2360,18 @@ class Recent:
         one such may have left the ring already."""
         if self.evicted is not None and self.evicted > boundary:
             return None
-        return [entry for entry in self.entries if entry[0] > boundary and entry[0] not in known]
+        return [(message_id, _unframe(frame), sender) for message_id, frame, sender in self.entries
+                if message_id > boundary and message_id not in known]
 
     def newest(self, count: int) -> list[tuple[str, bytes, int]]:
-        return list(self.entries)[-count:] if count > 0 else []
+        kept = list(self.entries)[-count:] if count > 0 else []
+        return [(message_id, _unframe(frame), sender) for message_id, frame, sender in kept]
+
+
+def _unframe(frame: bytes) -> bytes:
+    """The payload of a plain (unmasked, unfragmented) frame the server made."""
+    n = frame[1] & 0x7F
+    return frame[2:] if n < 126 else frame[4:] if n == 126 else frame[10:]
 
 
 class Room:
@@ -2769,8 +2790,9 @@ class Rooms:
         if room is None:
             return 0
         recent = room.recent  # Recent.add, inline: once per message
-        size = len(message.payload)
-        recent.entries.append((message_id, message.payload, sender))
+        frame = message.plain
+        size = len(frame)
+        recent.entries.append((message_id, frame, sender))
         recent.bytes += size
         budget = recent.budget
         budget.used += size
@@ -3383,8 +3405,9 @@ class Server:
         """A message from the broker (another instance) for the local members of ``room``.
 
         Returns how many members it went to, or None when it was dropped as already delivered.
-        A ``"key"`` in a dict ``payload`` (the publisher's idempotency key) is taken out of it, in
-        place, before it is delivered (or stored by the shell), and remembered.
+        A ``"key"`` in ``payload`` (the publisher's idempotency key) is remembered and left out of what
+        the members get; the shell stores the payload with it (the store keeps it apart from the body,
+        in its unique index, so that a repeat stored elsewhere meanwhile is not kept twice).
 
         With the publishing instance's ``node`` tag, each message is delivered once and in
         order: our own messages coming back are ignored (we delivered them when they were
@@ -3403,10 +3426,11 @@ class Server:
                 self._contain("deliver", None, exc)
             self._settle()
             return None
-        key = payload.pop("key", None) if isinstance(payload, dict) else None  # for PublishKeys, not the members
+        key = payload.get("key")  # for PublishKeys and the store's unique index, not for the members
         message_id = payload.get("id")
         try:
-            out = text_message(payload, self.config)
+            visible = payload if key is None else {name: value for name, value in payload.items() if name != "key"}
+            out = text_message(visible, self.config)
             if isinstance(message_id, str):
                 count: int | None = self._rooms.publish(room, message_id, out, ())
                 if isinstance(key, str):

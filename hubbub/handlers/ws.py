@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hubbub.core import MAX_NAME_BYTES, NO_META, Connection, Endpoint, EventError, History
+from hubbub.core import MAX_NAME_BYTES, NO_META, Connection, Endpoint, EventError, History, compact
 
 MAX_META_BYTES = 1024
 """A connection's presence metadata in a room, as encoded JSON (PROTOCOL.md: at most 1 KiB)."""
@@ -96,7 +96,7 @@ def _meta(conn: Connection, event: Mapping[str, Any], ref: Any, room: str) -> by
     encoded = conn.config.codec.dumps(meta)
     if len(encoded) > MAX_META_BYTES:
         raise EventError("bad_field", f'"meta" is over {MAX_META_BYTES} bytes as JSON', ref, room)
-    return encoded
+    return compact(encoded)  # kept for as long as the membership lasts
 
 
 def _joined_room(conn: Connection, ref: Any, room: str) -> None:
