@@ -3070,7 +3070,8 @@ class Cluster:
                     listed[_user_name(user)] = (*listed.get(user, ()), NO_META)
                 new[room] = listed
             elif isinstance(users, dict):
-                new[room] = {_user_name(user): tuple(dumps(_meta(m)) for m in metas) for user, metas in users.items()}
+                new[room] = {_user_name(user): tuple(compact(dumps(_meta(m))) for m in metas)  # kept until the next
+                             for user, metas in users.items()}
             else:
                 raise ValueError("a room's presence is neither a list nor an object")
         remote = self._nodes.get(node)
