@@ -195,6 +195,8 @@ class RecoveringUser(WebSocketUser):
         self.refs = itertools.count(1)
         # what the verdict reads
         self.delivered: list[str] = []  # ids of others' messages, in the order this user delivered them
+        self.sources: list[tuple[int, str]] = []  # per delivery: (connection number, live/recovered/paged)
+        self.connections: list[dict[str, Any]] = []  # per connection: host, since, recovered, when (wall clock)
         self.last_id = ""  # the last id delivered (what a rejoin asks since): --sabotage leaves it alone
         self.sabotage = options.sabotage and position == options.recovery_senders  # the first non-sender
         self.made = 0  # deliveries, for --sabotage
@@ -304,6 +306,8 @@ class RecoveringUser(WebSocketUser):
         except OSError:
             pass
         log.debug("cut %s at %.2f (stop at %s)", self.name, time.monotonic(), Plan.stop_at)
+        if self.connections:
+            self.connections[-1]["cut"] = time.time()
         if count:
             _metrics.counters.cuts += 1
             self.fire(ROW_CUT, 0)
@@ -332,6 +336,7 @@ class RecoveringUser(WebSocketUser):
         else:
             self.since = None
         self._last_target = self.target
+        self.connections.append({"host": self.target, "since": self.since, "opened": time.time()})
         ws = self.ws
         if not self.send_text(json.dumps(join)):
             return
@@ -351,7 +356,7 @@ class RecoveringUser(WebSocketUser):
             elif self.catching_up or not self.caught_up:
                 self.live.append(event)
             else:
-                self._deliver(event)
+                self._deliver(event, "live")
                 sent = event.get("data", {}).get("t") if isinstance(event.get("data"), dict) else None
                 if isinstance(sent, float):
                     self.fire(ROW_MESSAGE, max(0.0, time.time() - sent) * 1000, len(text))
@@ -384,6 +389,9 @@ class RecoveringUser(WebSocketUser):
     def _on_joined(self, event: dict[str, Any], now: float) -> None:
         counters = _metrics.counters
         self.join_ref = None
+        if self.connections:
+            self.connections[-1].update(joined=time.time(), recovered=event.get("recovered"),
+                                        messages=len(event.get("messages", [])))
         first = not self.joined_once
         self.joined_once = True
         if self.since is not None:
@@ -394,9 +402,9 @@ class RecoveringUser(WebSocketUser):
                 missed = event.get("messages", [])
                 counters.recovered_messages += len(missed)
                 for message in missed:
-                    self._deliver(message)
+                    self._deliver(message, "recovered")
                 for message in self.live:  # none can come before joined, but if one did it is counted too
-                    self._deliver(message)
+                    self._deliver(message, "live")
                 self.live = []
                 self._caught_up(now)
                 return
@@ -431,10 +439,10 @@ class RecoveringUser(WebSocketUser):
         paged = set()
         for message in self.pages:
             paged.add(message.get("id"))
-            self._deliver(message)
+            self._deliver(message, "paged")
         for message in self.live:
             if message.get("id") not in paged:  # the one overlap where an id is dropped as seen
-                self._deliver(message)
+                self._deliver(message, "live")
         self.pages, self.live = [], []
         self.catching_up = False
         self._caught_up(now)
@@ -443,12 +451,13 @@ class RecoveringUser(WebSocketUser):
         self.caught_up = True
         self.fire(ROW_RECOVER, (now - self.opened_at) * 1000)
 
-    def _deliver(self, message: dict[str, Any]) -> None:
+    def _deliver(self, message: dict[str, Any], how: str) -> None:
         if message.get("user") == self.name:
             self.own_returned += 1  # allowed in recovery and history; not part of this user's stream
             return
         self.last_id = message["id"]
         self.delivered.append(self.last_id)
+        self.sources.append((len(self.connections) - 1, how))
         if self.sabotage:
             self.made += 1
             if self.made == 5:
@@ -481,6 +490,7 @@ def _cut_loop(environment: Any) -> None:
 @events.test_start.add_listener
 def _on_test_start(environment: Any, **_: Any) -> None:
     Members.reset()
+    _explained[0] = 0
     for greenlet in _cutter:
         greenlet.kill(block=False)
     _cutter.clear()
@@ -551,6 +561,27 @@ def out_of_order(sequence: list[int]) -> int:
     return len(sequence) - len(tails)
 
 
+EXPLAIN = 20  # members with a lost or duplicated message whose story is logged, per process
+_explained = [0]
+
+
+def explain(user: RecoveringUser, stored: list[dict[str, Any]], lost: set[str]) -> None:
+    """Log what happened to a member that lost or got twice a message: which connection, how."""
+    ts = {m["id"]: m.get("ts") for m in stored}
+    counts: dict[str, list[int]] = {}
+    for i, message_id in enumerate(user.delivered):
+        counts.setdefault(message_id, []).append(i)
+    twice = {k: v for k, v in counts.items() if len(v) > 1}
+    stories = [f"lost {m} (ts {ts.get(m)})" for m in sorted(lost)[:5]]
+    stories += [f"twice {m} (ts {ts.get(m)}): " + ", ".join(f"conn {user.sources[i][0]} {user.sources[i][1]}"
+                                                           for i in where) for m, where in list(twice.items())[:5]]
+    conns = "; ".join(
+        f"#{n} {c['host'].rsplit(':', 1)[-1]} since {c['since']!r} joined {c.get('joined', 0) * 1000:.0f} "
+        f"recovered {c.get('recovered')} ({c.get('messages')}) cut {c.get('cut', 0) * 1000:.0f}"
+        for n, c in enumerate(user.connections))
+    log.warning("%s: %s; connections: %s", user.name, "; ".join(stories), conns)
+
+
 def check_room(room: Room, stored: list[dict[str, Any]], counters: _metrics.Counters) -> None:
     """Compare every member of ``room`` with the store's history ``stored`` (the room's order)."""
     position = {m["id"]: i for i, m in enumerate(stored)}
@@ -571,7 +602,11 @@ def check_room(room: Room, stored: list[dict[str, Any]], counters: _metrics.Coun
                 order.append(position[message_id])
         counters.expected_deliveries += len(expected)
         counters.deliveries += len(user.delivered)
-        counters.messages_lost += len(expected - seen)
+        lost = expected - seen
+        counters.messages_lost += len(lost)
+        if (lost or len(seen) < len(user.delivered)) and _explained[0] < EXPLAIN:
+            _explained[0] += 1
+            explain(user, stored, lost)
         counters.messages_out_of_order += out_of_order(order)
         counters.own_returned += user.own_returned
         if not user.caught_up:  # away, or still catching up, when the users stopped
