@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -56,7 +57,7 @@ EXIT_INVALID = 5
 
 MSG_REPORT = "hubbub_report"  # master -> workers: send your final counts
 MSG_COUNTS = "hubbub_counts"  # worker -> master: my counts
-FINAL_WAIT = 10.0  # seconds the master waits for every worker's final counts
+FINAL_WAIT = 30.0  # seconds the master waits for every worker's final counts (recovery.py checks first)
 
 MAX_LATE_RATIO = 0.01  # more late sends than this: the generator saturated, the run is invalid
 
@@ -76,6 +77,35 @@ class Counters:
     presence_states: int = 0
     presence_diffs: int = 0
     cpu_warnings: int = 0  # Locust's CPU warning fired in this process
+    # RecoveringUser (recovery.py): the chaos run, and its check against the store at the end
+    recovery_users: int = 0
+    recovery_rooms: int = 0  # rooms checked against the store
+    stored_messages: int = 0  # in the store's history of those rooms
+    publishes: int = 0  # keyed publishes made (each counted once, however often sent)
+    resends: int = 0  # unacked publishes sent again, with their key, after a reconnect
+    acks: int = 0
+    publishes_stored: int = 0  # publishes whose key the store holds
+    publishes_lost: int = 0  # acked, yet not in the store
+    publishes_duplicated: int = 0  # extra rows of a key stored more than once
+    ack_mismatches: int = 0  # an ack id that is not the stored row's, or two acks of one key that differ
+    unacked: int = 0  # publishes never acked by the end
+    cuts: int = 0  # connections reset on purpose
+    reconnects: int = 0
+    switches: int = 0  # reconnects to another host than the connection before
+    recovered_true: int = 0  # rejoins with since answered recovered true
+    recovered_false: int = 0
+    recovered_messages: int = 0  # messages carried by recovered-true joined replies
+    history_pages: int = 0  # pages asked while catching up
+    expected_deliveries: int = 0  # per member: the stored messages of its room that others published
+    deliveries: int = 0
+    messages_lost: int = 0  # expected, never delivered
+    messages_duplicated: int = 0  # a delivery of an id already delivered to that member
+    messages_out_of_order: int = 0  # deliveries that must move to follow the store's order
+    messages_not_stored: int = 0  # delivered ids the store does not hold
+    own_returned: int = 0  # a member's own messages that came back in a recovery or a page
+    unsettled: int = 0  # members away or catching up when the users stopped
+    check_failures: int = 0  # readers of the store's history that failed
+    sabotaged: int = 0  # --sabotage: members whose record was spoiled (one lost, one duplicated, one swapped)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -92,6 +122,9 @@ _final: set[str] = set()  # master only: workers whose final counts arrived
 _missing: list[str] = []  # master only: workers whose final counts did not arrive
 _verdict: list[str] = []  # the lines logged when Locust quits
 window: dict[str, float] = {}  # deciding process: "start" and "stop" of sending (time.monotonic())
+checks: list[Callable[[Counters], tuple[list[str], tuple[int, str] | None]]] = []
+"""Further verdicts (recovery.py's): each gives lines to log and, when it fails, (exit code, why)."""
+PRECEDENCE = (EXIT_INVALID, EXIT_FAILURES, EXIT_LOSS, EXIT_LATENCY, EXIT_OK)  # the first that applies wins
 
 
 def totals(environment: Any) -> Counters:
@@ -264,6 +297,11 @@ def verdict(environment: Any) -> tuple[int, list[str], dict[str, Any]]:
         code, why = EXIT_LATENCY, f"FAIL: broadcast p99 {p99} ms above {max_p99:g} ms"
     else:
         code, why = EXIT_OK, "PASS"
+    for check in checks:
+        more, failed = check(total)
+        lines += more
+        if failed is not None and PRECEDENCE.index(failed[0]) < PRECEDENCE.index(code):
+            code, why = failed
     lines.append(f"verdict: {why} (exit code {code})")
     figures["exit_code"] = code
     return code, lines, figures
