@@ -2190,6 +2190,12 @@ def _below(message_id: str) -> str:
     return message_id[:-1] if last == "\x00" else message_id[:-1] + chr(ord(last) - 1)
 
 
+RECOVERIES_IN_FLIGHT = 2
+"""Store reads for joins with ``since`` one connection may have waiting at once: a client that rejoins
+100 rooms from long ago must not queue 100 reads of up to ``2 * recover_max`` rows ahead of everyone
+else's writes and history (the rest are answered ``recovered: false`` at once)."""
+
+
 class Recoveries:
     """Joins with ``since`` (``Recovery``): recovered from the room's ring at once when it holds
     ``since``; else the store is read first (``History`` with the ``Recovery`` as its ref), the room and
@@ -2219,9 +2225,12 @@ class Recoveries:
             waiting.refs.append(ref)
             return None
         recovery = Recovery(conn.id, name, since, meta, watch, ref)
-        if not since or (target is not None and target.recent.knows(since)):
-            if not since:
-                recovery.page = []  # found stays False: recovered false
+        in_ring = bool(since) and target is not None and target.recent.knows(since)
+        if not in_ring and (not since or self.count(conn) >= RECOVERIES_IN_FLIGHT):
+            # nothing to look for, or this connection already has its share of the store: recovered
+            # false at once (the client pages history, which is bounded by --history-max per request)
+            recovery.page = []  # found stays False
+        if in_ring or recovery.page is not None:
             rooms.enter(conn, name, meta, watch, ref, now, recovery)
             return None
         self._waiting[(conn.id, name)] = recovery

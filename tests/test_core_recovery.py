@@ -509,3 +509,18 @@ def test_what_rings_and_memberships_keep_is_compact_with_orjson() -> None:
         tracemalloc.stop()
     assert len(hub.server.rooms["r"].recent) == 200
     assert grown < 400 * 1024, f"{grown // 1024} KiB for 200 memberships and 200 messages kept"
+
+
+def test_a_connection_has_at_most_two_store_reads_waiting_the_rest_are_recovered_false_at_once() -> None:
+    hub = Hub(carry_out=False, max_rooms_per_connection=10)
+    alice = hub.join("/ws?user=alice")
+    for i in range(5):
+        alice.send_json({"event": "join", "room": f"r{i}", "since": "0" * 22, "presence": False, "ref": i})
+    reads = [e for e in hub.server.effects() if isinstance(e, core.History)]
+    assert len(reads) == core.RECOVERIES_IN_FLIGHT == 2
+    answered = {e["ref"]: e["recovered"] for e in alice.json() if e["event"] == "joined"}
+    assert answered == {2: False, 3: False, 4: False}
+    for read in reads:
+        hub.server.history_reply(read.conn_id, read.room, [], read.ref)
+    hub.pump()
+    assert {e["ref"] for e in alice.json() if e["event"] == "joined"} == {0, 1}
