@@ -319,6 +319,7 @@ class TransportLink(asyncio.Protocol):
         self.conn = conn = shell.server.connect(transport.get_extra_info("peername"), time.time())
         conn.shell = self
         shell.links[conn] = self
+        shell.rearm()  # its handshake deadline may come before the timer's (a client that never sends)
         log.debug("conn %d %s: connected", conn.id, conn.peer)
 
     def data_received(self, data: bytes) -> None:
@@ -483,6 +484,7 @@ class SocketLink:
         self.conn = conn = shell.server.connect(peer, time.time())
         conn.shell = self
         shell.links[conn] = self
+        shell.rearm()  # its handshake deadline may come before the timer's (a client that never sends)
         self.unsent = b""
         self.scope = anyio.CancelScope()  # the connection's task; cancelled when the core closes it
         self.drain: anyio.CancelScope | None = None  # the drain task, which owns the socket's writes
@@ -935,6 +937,10 @@ class Shell:
                 self._flush_soon(self._queued_flush)
         elif not self._flush_needed.is_set():
             self._flush_needed.set()
+        self.rearm()
+
+    def rearm(self) -> None:
+        """Wake the timer task if the core's next deadline moved before the one it sleeps until."""
         deadline = self.server.next_deadline
         if deadline is not None and deadline < self._timer_at:
             self._timer_wake.set()
