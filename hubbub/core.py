@@ -2320,15 +2320,15 @@ class Recent:
         return len(self.entries)
 
     def add(self, message_id: str, frame: bytes, sender: int = 0) -> None:
-        """Keep a message as its plain frame (``Rooms.publish`` does the same inline: once per message)."""
+        """Keep a message as the plain frame that went out."""
         self.entries.append((message_id, frame, sender))
         self.bytes += len(frame)
         budget = self.budget
         budget.used += len(frame)
         if self.bytes > self.size or len(self.entries) > self.count or budget.used > budget.limit:
-            self.evict()
+            self._evict()
 
-    def evict(self) -> None:
+    def _evict(self) -> None:
         """Drop the oldest down to three quarters of ``count`` and ``size`` (so that a full ring pays for
         this once per quarter, not once per message), and to half its bytes while the budget is over
         its limit."""
@@ -2798,15 +2798,7 @@ class Rooms:
         room = self.by_name.get(name)
         if room is None:
             return 0
-        recent = room.recent  # Recent.add, inline: once per message
-        frame = message.plain
-        size = len(frame)
-        recent.entries.append((message_id, frame, sender))
-        recent.bytes += size
-        budget = recent.budget
-        budget.used += size
-        if recent.bytes > recent.size or len(recent.entries) > recent.count or budget.used > budget.limit:
-            recent.evict()
+        room.recent.add(message_id, message.plain, sender)
         if not room.batching:
             self._batched.append(room)
         return room.broadcast(message, excluded)
@@ -3460,27 +3452,18 @@ class Server:
         connections = self.connections
         keys = self._keys
         for ack in acks:
-            conn_id, ref, message_id, ts, _ = ack
-            if ref is not None:
-                conn = connections.get(conn_id)
-                if conn is not None:
-                    try:
-                        if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
-                            self._backend_answered(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
-                        elif ts is None:
-                            conn.send({"event": "ack", "ref": ref, "id": message_id})
-                        else:
-                            conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
-                    except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
-                        self._contain("ack", conn, exc)
+            conn = connections.get(ack.conn_id)
+            if conn is not None:
+                self._ack_one(conn, ack)
             if keys.waiting:
-                for waiter in keys.stored(message_id, ts):
+                for waiter in keys.stored(ack.id, ack.ts):
                     conn = connections.get(waiter.conn_id)
                     if conn is not None:
-                        self._ack_one(conn, waiter._replace(id=message_id, ts=ts))
+                        self._ack_one(conn, waiter._replace(id=ack.id, ts=ack.ts))
         self._settle()
 
     def _ack_one(self, conn: Connection, ack: Ack) -> None:
+        """One sender's ack (its HTTP answer for an ``HttpEndpoint``'s publish); nothing without a ref."""
         _, ref, message_id, ts, _ = ack
         if ref is None:
             return

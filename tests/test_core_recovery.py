@@ -30,6 +30,16 @@ def messages(peer: Peer) -> list[dict[str, Any]]:
     return [e for e in peer.json() if e["event"] == "message"]
 
 
+def seen_then_away(hub: Hub, room: str = "r") -> tuple[Peer, dict[str, Any]]:
+    """alice and bob in ``room``; alice gets bob's "seen" and goes away: (bob, the message alice saw last)."""
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, room), joined(hub, bob, room)
+    publish(bob, room, "seen")
+    [last] = messages(alice)
+    alice.close()
+    return bob, last
+
+
 def stored(hub: Hub, room: str) -> list[Any]:
     return [m["data"] for m in hub.store.history(room, 10_000)]
 
@@ -60,11 +70,7 @@ def test_a_short_reconnect_recovers_from_the_ring_in_order_then_live_with_no_gap
 
 def test_a_room_without_members_here_recovers_from_the_store() -> None:
     hub = Hub()
-    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
-    joined(hub, alice, "quiet"), joined(hub, bob, "quiet")
-    publish(bob, "quiet", "seen")
-    [last] = messages(alice)
-    alice.close()
+    bob, last = seen_then_away(hub, "quiet")
     for i in range(4):
         publish(bob, "quiet", i)
     bob.close()
@@ -78,11 +84,7 @@ def test_a_room_without_members_here_recovers_from_the_store() -> None:
 
 def test_what_arrives_while_the_store_is_read_follows_the_page_once() -> None:
     hub = Hub()
-    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
-    joined(hub, alice, "r"), joined(hub, bob, "r")
-    publish(bob, "r", "seen")
-    [last] = messages(alice)
-    alice.close()
+    bob, last = seen_then_away(hub)
     for i in range(3):
         publish(bob, "r", i)
     bob.close()
@@ -130,11 +132,7 @@ def test_an_id_of_another_room_is_not_known_here() -> None:
 
 def test_a_gap_over_recover_max_or_past_the_ring_is_recovered_false() -> None:
     hub = Hub(recover_max=3, recover_ring=4)
-    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
-    joined(hub, alice, "r"), joined(hub, bob, "r")
-    publish(bob, "r", "seen")
-    [last] = messages(alice)
-    alice.close()
+    bob, last = seen_then_away(hub)
     for i in range(4):
         publish(bob, "r", i)
     again = hub.join("/ws?user=alice")
@@ -149,11 +147,7 @@ def test_a_gap_over_recover_max_or_past_the_ring_is_recovered_false() -> None:
 
 def test_the_ring_losing_part_of_the_gap_during_the_store_read_is_recovered_false() -> None:
     hub = Hub(recover_ring=2)
-    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
-    joined(hub, alice, "r"), joined(hub, bob, "r")
-    publish(bob, "r", "seen")
-    [last] = messages(alice)
-    alice.close()
+    bob, last = seen_then_away(hub)
     for i in range(3):
         publish(bob, "r", i)
     hub.carry_out = False
@@ -171,11 +165,7 @@ def test_the_ring_losing_part_of_the_gap_during_the_store_read_is_recovered_fals
 
 def test_a_recovery_over_the_buffer_budget_is_recovered_false() -> None:
     hub = Hub(max_buffer=64 * 1024)
-    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
-    joined(hub, alice, "r"), joined(hub, bob, "r")
-    publish(bob, "r", "seen")
-    [last] = messages(alice)
-    alice.close()
+    bob, last = seen_then_away(hub)
     for _ in range(10):
         publish(bob, "r", "x" * 8000)
     again = hub.join("/ws?user=alice")
@@ -366,11 +356,7 @@ def test_keys_are_bounded() -> None:
 
 def test_a_publish_while_the_join_waits_for_the_store_is_sent_and_not_recovered_to_its_sender() -> None:
     hub = Hub()
-    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
-    joined(hub, alice, "r"), joined(hub, bob, "r")
-    publish(bob, "r", "seen")
-    [last] = messages(alice)
-    alice.close()
+    bob, last = seen_then_away(hub)
     publish(bob, "r", "missed")
     bob.close()
     hub.advance(0.1)
@@ -413,11 +399,7 @@ def remote(hub: Hub, room: str, data: Any, node: str = "beef", ms_offset: int = 
 
 def test_another_instance_publishing_around_since_makes_the_order_uncertain() -> None:
     hub = Hub()
-    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
-    joined(hub, alice, "r"), joined(hub, bob, "r")
-    publish(bob, "r", "seen")
-    [last] = messages(alice)
-    alice.close()
+    bob, last = seen_then_away(hub)
     remote(hub, "r", "from B at the same moment")  # on the client's old instance it may have come first
     publish(bob, "r", "after")
     again = hub.join("/ws?user=alice")

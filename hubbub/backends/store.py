@@ -289,7 +289,7 @@ def _row(room: str, message: Message) -> tuple[str, str, int, str, str | None]:
     pkey = None
     if key is not None:
         pkey = _dumps([message.get("user"), key])
-        message = {name: value for name, value in message.items() if name != "key"}
+        message = _unkeyed(message)
     body = _dumps(message)
     message_id = message["id"]
     _storable(message_id, room, body, *((pkey,) if pkey is not None else ()))
