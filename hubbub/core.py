@@ -14,7 +14,8 @@ through its public methods:
 - ``BoundedDeflate``, ``SizeLimit``: wsproto extensions that bound inflating and message size.
 - ``Router``: path templates to ``Endpoint``s, the routes' handlers.
 - ``Gatekeeper``: the handshake as a pure decision: ``Refuse``, ``ServeHttp``, ``CallEndpoint`` (an
-  ``HttpEndpoint`` of the server API, answered on a keep-alive connection) or ``Upgrade``.
+  ``HttpEndpoint`` of the server API, answered on a keep-alive connection) or ``Upgrade``;
+  ``Handshakes`` carries the decisions out and owns the handshake deadlines and per-address counts.
 - ``Timers``: one heap of deadlines, by ``TimerKind``.
 - ``Connection``: one client: its parsers, output queue, rate bucket and keepalive; and the
   API handlers use (they are never handed the server).
@@ -3179,6 +3180,233 @@ def http_answer(reply: HttpReply, head: bool) -> bytes:
     return response[: len(response) - len(body)] if head else response
 
 
+class Handshakes:
+    """Every connection until it is a WebSocket, and the server API's HTTP exchanges.
+
+    It carries out the ``Gatekeeper``'s decisions (refuse, serve a plain HTTP route, call an
+    ``HttpEndpoint``, upgrade), owns each handshake's deadline and each client address's count of
+    open sockets, and answers an ``HttpEndpoint``'s request when its backend does (keep-alive: the
+    connection's next request then, pipelined ones included).
+
+    The ``Server`` owns it and hands it the connections in ``State.HANDSHAKE``: ``start``,
+    ``receive``, ``serve``, ``expire``, ``answer``, ``refuse``, ``forget``. It hands them back
+    through the server's ``abort`` and the ``accept`` and ``closed`` callbacks the server gave it.
+    """
+
+    __slots__ = ("_accept", "_addresses", "_closed", "_deadlines", "_failed", "_gate", "_server", "_timers")
+
+    def __init__(
+        self,
+        server: Server,
+        gate: Gatekeeper,
+        timers: Timers,
+        accept: Callable[[Connection, Upgrade, bytes], None],
+        closed: Callable[[Connection], None],
+        failed: Callable[[str, Connection | None, Exception], None],
+    ) -> None:
+        """``accept`` opens an upgraded connection as a WebSocket, ``closed`` ends one whose answer is
+        queued, ``failed`` counts a contained exception (the server's, which logs it)."""
+        self._server = server
+        self._gate = gate
+        self._timers = timers
+        self._accept = accept
+        self._closed = closed
+        self._failed = failed
+        self._addresses: dict[Any, int] = {}  # client address -> its sockets still open (handshakes included)
+        # Connections still in their handshake, with their deadlines: oldest first, as every one gets the same
+        # timeout (a dict, not a timer each: the entry goes as soon as the handshake ends, and costs less)
+        self._deadlines: dict[Connection, float] = {}
+
+    def start(self, conn: Connection, now: float) -> None:
+        """A new socket: it counts against its address, and its request is due within the handshake timeout."""
+        addresses = self._addresses
+        addresses[conn.address] = addresses.get(conn.address, 0) + 1
+        self._deadlines[conn] = now + self._server.config.handshake_timeout
+
+    def forget(self, conn: Connection) -> None:
+        """The connection is about to be CLOSED (called once it is decided, before ``Connection.finish``):
+        no deadline any more, and its address has one socket less."""
+        if conn.state is not State.CLOSED:
+            addresses = self._addresses
+            left = addresses.get(conn.address, 1) - 1
+            if left > 0:
+                addresses[conn.address] = left
+            else:
+                addresses.pop(conn.address, None)
+        self._deadlines.pop(conn, None)
+
+    @property
+    def next_deadline(self) -> float | None:
+        """The oldest handshake's deadline (None: no connection is in its handshake)."""
+        return next(iter(self._deadlines.values())) if self._deadlines else None
+
+    def expire(self, now: float) -> None:
+        """Drop the handshakes that ran out of time (an ``HttpEndpoint``'s body that never completed: 408)."""
+        deadlines = self._deadlines
+        while deadlines:
+            conn, deadline = next(iter(deadlines.items()))
+            if deadline > now:
+                break
+            exchange = conn.exchange
+            if exchange is not None:
+                name = exchange.call.endpoint.name
+                self.refuse(conn, Refuse(408, "the request body did not arrive in time", json=True, endpoint=name))
+            else:
+                self._server.abort(conn)  # it never finished its request (or its next one); abort forgets it
+
+    def receive(self, conn: Connection, data: bytes) -> None:
+        """Bytes of the connection's request (or requests, or a request body); ``b""``: the peer closed."""
+        if not data:
+            self._server.abort(conn)
+            return
+        exchange = conn.exchange
+        if exchange is None:
+            self.serve(conn, data)
+        elif exchange.waiting:  # a pipelined request behind one whose answer is awaited: kept for after it
+            if not conn.buffer_request(data):
+                self._server.abort(conn)
+        elif self._read_body(conn, data):
+            self.serve(conn, b"")
+
+    def serve(self, conn: Connection, data: bytes = b"") -> None:
+        """The connection's requests, one after another while each is answered at once and keeps the
+        connection alive (pipelined API requests): at most ``frames_per_pass`` of them per pass, like
+        frames; the rest waits for ``Server.resume`` (which calls this with no new bytes)."""
+        conn.backlogged = False
+        budget = self._server.config.frames_per_pass
+        while True:
+            request = conn.read_request(data)
+            data = b""
+            if request is None:
+                return
+            if isinstance(request, Refuse):
+                decision: Decision = request
+            else:
+                decision = self._gate.decide(request, self._addresses.get(conn.address, 0), self._server.open_count)
+            if isinstance(decision, CallEndpoint):
+                conn.begin_exchange(decision)
+                if not self._read_body(conn, b""):
+                    return
+            elif isinstance(decision, Upgrade):
+                self._deadlines.pop(conn, None)
+                self._accept(conn, decision, conn.trailing)
+                return
+            elif isinstance(decision, ServeHttp):
+                self._serve_http(conn, decision)
+                return
+            else:
+                self.refuse(conn, decision)
+                return
+            budget -= 1
+            if not conn.trailing:
+                return
+            if budget <= 0:
+                conn.backlogged = True
+                return
+
+    def answer(self, conn: Connection, status: int, body: bytes) -> None:
+        """A backend's answer to the connection's waiting ``HttpEndpoint`` request; then its pipelined
+        requests, if it sent some meanwhile."""
+        exchange = conn.exchange
+        if exchange is not None and exchange.waiting and self._answer_exchange(conn, status, body):
+            self.serve(conn, b"")
+
+    def answer_late(self, conn: Connection, exchange: Exchange) -> None:
+        """``ANSWER_DUE``: the backend has not answered the request in ``BACKEND_TIMEOUT``: 504."""
+        if conn.exchange is exchange:
+            self.answer(conn, 504, json_error("timeout", "the backend did not answer in time"))
+
+    def refuse(self, conn: Connection, refusal: Refuse) -> None:
+        """Refuse with a real HTTP response, then close: never accept-then-close."""
+        if refusal.failure is not None:
+            self._failed("verifier", None, refusal.failure)
+        status = refusal.status
+        metrics = self._server.metrics
+        if refusal.json:
+            body = json_error(_STATUS_CODES.get(status, "bad_request"), refusal.reason)
+            response = http_response(status, body, "application/json", refusal.headers)
+            counts = metrics.http
+            key = (refusal.endpoint, status)
+            counts[key] = counts.get(key, 0) + 1
+        else:
+            response = http_response(status, (refusal.reason + "\n").encode(), headers=refusal.headers)
+        conn.end_exchange()
+        conn.answer(status, response)
+        rejections = metrics.rejections
+        rejections[status] = rejections.get(status, 0) + 1
+        self._closed(conn)
+
+    def _read_body(self, conn: Connection, data: bytes) -> bool:
+        """Body bytes for the connection's ``HttpEndpoint`` request; once it is whole, the endpoint is
+        called. True when it was answered and the connection waits for its next request."""
+        body = conn.read_body(data)
+        if body is None:
+            return False
+        if isinstance(body, Refuse):
+            self.refuse(conn, body)
+            return False
+        exchange = conn.exchange
+        assert exchange is not None
+        call = exchange.call
+        request = HttpRequest(call.method, call.path, call.query, call.headers, body)
+        try:
+            reply = call.endpoint.handler(conn, request)
+        except HttpError as exc:
+            return self._answer_exchange(conn, exc.status, json_error(exc.code, exc.detail), exc.headers)
+        except Exception as exc:  # the endpoint's bug: 500 for this request, the server goes on
+            self._failed("http", conn, exc)
+            return self._answer_exchange(conn, 500, json_error("internal", "internal error"))
+        if reply is None:  # a backend answers: ack, history_reply or their failures
+            exchange.waiting = True
+            self._deadlines.pop(conn, None)
+            self._timers.schedule(self._server.now + BACKEND_TIMEOUT, TimerKind.ANSWER_DUE, exchange)
+            return False
+        status, reply_body, content_type, *own = reply
+        return self._answer_exchange(conn, status, reply_body, own[0] if own else (), content_type)
+
+    def _answer_exchange(
+        self,
+        conn: Connection,
+        status: int,
+        body: bytes,
+        headers: Iterable[tuple[str, str]] = (),
+        content_type: str = "application/json",
+    ) -> bool:
+        """Answer the connection's ``HttpEndpoint`` request; True when the connection stays open for the
+        next one (keep-alive, and the client is reading its answers)."""
+        exchange = conn.exchange
+        if exchange is None:
+            return False  # answered already (a late backend reply after a 504)
+        call = exchange.call
+        conn.end_exchange()
+        server = self._server
+        keep_alive = call.keep_alive and conn.outbound_size <= server.config.max_buffer
+        extra = list(headers)
+        if not any(name.lower() == "cache-control" for name, _ in extra):
+            extra.append(("Cache-Control", "no-store"))
+        conn.answer(status, http_response(status, body, content_type, extra, keep_alive))
+        counts = server.metrics.http
+        key = (call.endpoint.name, status)
+        counts[key] = counts.get(key, 0) + 1
+        if not keep_alive:
+            self._closed(conn)
+            return False
+        deadlines = self._deadlines  # the next request has the handshake timeout to arrive
+        deadlines.pop(conn, None)
+        deadlines[conn] = server.now + server.config.handshake_timeout
+        return True
+
+    def _serve_http(self, conn: Connection, serve: ServeHttp) -> None:
+        try:
+            reply = serve.route(self._server, serve.headers)
+            conn.answer(reply[0], http_answer(reply, serve.head))
+        except Exception as exc:  # a route's bug: 500 for this request, the server goes on
+            self._failed("http", conn, exc)
+            self.refuse(conn, Refuse(500, "internal error"))
+            return
+        self._closed(conn)
+
+
 class IdClock:
     """Message ids: unique and time-ordered, milliseconds then a sequence within the millisecond,
     then this instance's node tag (so instances never collide)."""
@@ -3211,7 +3439,7 @@ def healthz(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
 class Server:
     """All connections and rooms of one hubbub instance: the shell's API, frame dispatch, the
     backends' replies and the close lifecycle; the rest belongs to the parts it ties together
-    (``Gatekeeper``, ``Timers``, ``Connection``, ``Rooms``, ``Cluster``).
+    (``Handshakes``, ``Timers``, ``Connection``, ``Rooms``, ``Cluster``).
 
     The shell calls: ``connect``, ``receive``, ``resume``, ``tick``, ``pending``, ``take_shared``,
     ``enqueue``, ``effects``, ``close_all``; the backends' answers ``ack``, ``unavailable``,
@@ -3243,17 +3471,14 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self.open_count = 0
         self.metrics = Metrics()
-        self._gate = Gatekeeper(router, config, {"/healthz": healthz, **(http_routes or {})}, verifier)
-        self._timers = Timers()
+        self._gate = gate = Gatekeeper(router, config, {"/healthz": healthz, **(http_routes or {})}, verifier)
+        self._timers = timers = Timers()
+        self._handshakes = Handshakes(self, gate, timers, self._accept, self._closed, self._count_failure)
         self._cluster = Cluster(config.node, config.presence_ttl)
         self._rooms = Rooms(config, self._timers, self._cluster, self._presence_changed)
         self._outbox = Outbox()
         self._effects: list[Effect] = []
         self._presence_dirty = False
-        self._addresses: dict[Any, int] = {}  # client address -> its sockets still open (handshakes included)
-        # Connections still in their handshake, with their deadlines: oldest first, as every one gets the same
-        # timeout (a dict, not a timer each: the entry goes as soon as the handshake ends, and costs less)
-        self._handshaking: dict[Connection, float] = {}
         self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
         self._ids = IdClock(config.node)
         self._keys = PublishKeys(config.idempotency_keys)
@@ -3269,9 +3494,7 @@ class Server:
         conn = Connection(self, self._outbox, self._next_id, peer, now)
         self._next_id += 1
         self.connections[conn.id] = conn
-        addresses = self._addresses
-        addresses[conn.address] = addresses.get(conn.address, 0) + 1
-        self._handshaking[conn] = now + self.config.handshake_timeout
+        self._handshakes.start(conn, now)
         return conn
 
     def receive(self, conn: Connection, data: bytes, now: float) -> None:
@@ -3283,7 +3506,7 @@ class Server:
             if state is State.OPEN or state is State.CLOSING:
                 self._receive_frames(conn, data)
             elif state is State.HANDSHAKE:
-                self._receive_request(conn, data)
+                self._handshakes.receive(conn, data)
         except Exception as exc:  # our bug, triggered by this peer's input: it costs this connection only
             self._contain("receive", conn, exc)
         self._settle()
@@ -3299,7 +3522,7 @@ class Server:
         try:
             if conn.backlogged:
                 if conn.state is State.HANDSHAKE:
-                    self._serve_requests(conn, b"")
+                    self._handshakes.serve(conn)
                 else:
                     self._process_frames(conn, self.config.frames_per_pass)
         except Exception as exc:
@@ -3310,17 +3533,7 @@ class Server:
         """Run every timer that is due, and drop the handshakes that ran out of time; return when the
         next deadline is (None: none)."""
         self._now = now
-        handshaking = self._handshaking
-        while handshaking:
-            conn, deadline = next(iter(handshaking.items()))
-            if deadline > now:
-                break
-            exchange = conn.exchange
-            if exchange is not None:  # an endpoint's body that never completed: 408
-                name = exchange.call.endpoint.name
-                self._refuse(conn, Refuse(408, "the request body did not arrive in time", json=True, endpoint=name))
-            else:
-                self.abort(conn)  # it never finished its request (or its next one), and abort takes it off the list
+        self._handshakes.expire(now)
         timers = self._timers
         while (due := timers.pop_due(now)) is not None:
             kind, target, seq = due
@@ -3385,10 +3598,9 @@ class Server:
     def next_deadline(self) -> float | None:
         """When ``tick`` next has work to do (None: no timer is set)."""
         deadline = self._timers.next_deadline
-        if self._handshaking:
-            first = next(iter(self._handshaking.values()))
-            if deadline is None or first < deadline:
-                return first
+        first = self._handshakes.next_deadline
+        if first is not None and (deadline is None or first < deadline):
+            return first
         return deadline
 
     @property
@@ -3469,7 +3681,7 @@ class Server:
             return
         try:
             if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
-                self._backend_answered(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
+                self._handshakes.answer(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
             elif ts is None:
                 conn.send({"event": "ack", "ref": ref, "id": message_id})
             else:
@@ -3486,7 +3698,7 @@ class Server:
         for ack in acks:
             conn = self.connections.get(ack.conn_id)
             if conn is not None and conn.state is State.HANDSHAKE:
-                self._backend_answered(conn, 503, json_error("unavailable", detail))
+                self._handshakes.answer(conn, 503, json_error("unavailable", detail))
             elif conn is not None:
                 error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
                 if ack.ref is not None:
@@ -3514,7 +3726,7 @@ class Server:
                 page = history_page(room, messages, self.config.max_buffer)
                 if conn.state is State.HANDSHAKE:  # an HttpEndpoint's request: {"room", "messages"}
                     del page["event"]
-                    self._backend_answered(conn, 200, self.config.codec.dumps(page))
+                    self._handshakes.answer(conn, 200, self.config.codec.dumps(page))
                     self._settle()
                     return
                 if ref is not None:
@@ -3532,7 +3744,7 @@ class Server:
         conn = self.connections.get(conn_id)
         if conn is not None:
             if conn.state is State.HANDSHAKE:
-                self._backend_answered(conn, 503, json_error("unavailable", detail))
+                self._handshakes.answer(conn, 503, json_error("unavailable", detail))
             else:
                 conn.error("unavailable", detail, ref=ref, room=room)
             self._settle()
@@ -3764,132 +3976,11 @@ class Server:
             self._presence_dirty = True
             self._timers.schedule(self._now + self.config.presence_window, TimerKind.ANNOUNCE, None)
 
-    # -- the handshake -------------------------------------------------------------
-
-    def _receive_request(self, conn: Connection, data: bytes) -> None:
-        if not data:
-            self.abort(conn)
-            return
-        exchange = conn.exchange
-        if exchange is None:
-            self._serve_requests(conn, data)
-        elif exchange.waiting:  # a pipelined request behind one whose answer is awaited: kept for after it
-            if not conn.buffer_request(data):
-                self.abort(conn)
-        elif self._read_body(conn, data):
-            self._serve_requests(conn, b"")
-
-    def _serve_requests(self, conn: Connection, data: bytes) -> None:
-        """The connection's requests, one after another while each is answered at once and keeps the
-        connection alive (pipelined API requests): at most ``frames_per_pass`` of them per pass, like
-        frames; the rest waits for ``resume``."""
-        conn.backlogged = False
-        budget = self.config.frames_per_pass
-        while True:
-            request = conn.read_request(data)
-            data = b""
-            if request is None:
-                return
-            if isinstance(request, Refuse):
-                decision: Decision = request
-            else:
-                decision = self._gate.decide(request, self._addresses.get(conn.address, 0), self.open_count)
-            if isinstance(decision, CallEndpoint):
-                conn.begin_exchange(decision)
-                if not self._read_body(conn, b""):
-                    return
-            elif isinstance(decision, Upgrade):
-                self._accept(conn, decision, conn.trailing)
-                return
-            elif isinstance(decision, ServeHttp):
-                self._serve_http(conn, decision)
-                return
-            else:
-                self._refuse(conn, decision)
-                return
-            budget -= 1
-            if not conn.trailing:
-                return
-            if budget <= 0:
-                conn.backlogged = True
-                return
-
-    def _read_body(self, conn: Connection, data: bytes) -> bool:
-        """Body bytes for the connection's ``HttpEndpoint`` request; once it is whole, the endpoint is
-        called. True when it was answered and the connection waits for its next request."""
-        body = conn.read_body(data)
-        if body is None:
-            return False
-        if isinstance(body, Refuse):
-            self._refuse(conn, body)
-            return False
-        exchange = conn.exchange
-        assert exchange is not None
-        call = exchange.call
-        request = HttpRequest(call.method, call.path, call.query, call.headers, body)
-        try:
-            reply = call.endpoint.handler(conn, request)
-        except HttpError as exc:
-            return self._answer_exchange(conn, exc.status, json_error(exc.code, exc.detail), exc.headers)
-        except Exception as exc:  # the endpoint's bug: 500 for this request, the server goes on
-            self._count_failure("http", conn, exc)
-            return self._answer_exchange(conn, 500, json_error("internal", "internal error"))
-        if reply is None:  # a backend answers: ack, history_reply or their failures
-            exchange.waiting = True
-            self._handshaking.pop(conn, None)
-            self._timers.schedule(self._now + BACKEND_TIMEOUT, TimerKind.ANSWER_DUE, exchange)
-            return False
-        status, reply_body, content_type, *own = reply
-        return self._answer_exchange(conn, status, reply_body, own[0] if own else (), content_type)
-
-    def _answer_exchange(
-        self,
-        conn: Connection,
-        status: int,
-        body: bytes,
-        headers: Iterable[tuple[str, str]] = (),
-        content_type: str = "application/json",
-    ) -> bool:
-        """Answer the connection's ``HttpEndpoint`` request; True when the connection stays open for the
-        next one (keep-alive, and the client is reading its answers)."""
-        exchange = conn.exchange
-        if exchange is None:
-            return False  # answered already (a late backend reply after a 504)
-        call = exchange.call
-        conn.end_exchange()
-        keep_alive = call.keep_alive and conn.outbound_size <= self.config.max_buffer
-        extra = list(headers)
-        if not any(name.lower() == "cache-control" for name, _ in extra):
-            extra.append(("Cache-Control", "no-store"))
-        conn.answer(status, http_response(status, body, content_type, extra, keep_alive))
-        counts = self.metrics.http
-        key = (call.endpoint.name, status)
-        counts[key] = counts.get(key, 0) + 1
-        if not keep_alive:
-            self._closed(conn)
-            return False
-        handshaking = self._handshaking  # the next request has the handshake timeout to arrive
-        handshaking.pop(conn, None)
-        handshaking[conn] = self._now + self.config.handshake_timeout
-        return True
-
-    def _backend_answered(self, conn: Connection, status: int, body: bytes) -> None:
-        """A backend's answer to the connection's waiting ``HttpEndpoint`` request; then its pipelined
-        requests, if it sent some meanwhile."""
-        exchange = conn.exchange
-        if exchange is not None and exchange.waiting and self._answer_exchange(conn, status, body):
-            self._serve_requests(conn, b"")
-
-    def _answered_late(self, exchange: Exchange) -> None:
-        """``ANSWER_DUE``: the backend has not answered the request in ``BACKEND_TIMEOUT``: 504."""
-        conn = self.connections.get(exchange.conn_id)
-        if conn is not None and conn.exchange is exchange:
-            self._backend_answered(conn, 504, json_error("timeout", "the backend did not answer in time"))
+    # -- the WebSocket opens ----
 
     def _accept(self, conn: Connection, upgrade: Upgrade, trailing: bytes) -> None:
         cfg = self.config
         conn.open(upgrade)
-        self._handshaking.pop(conn, None)
         self.open_count += 1
         if upgrade.expires is not None:
             self._schedule_expiry(conn, upgrade.expires)
@@ -3900,34 +3991,6 @@ class Server:
             self._call(conn, endpoint.on_open, conn)
         if trailing and conn.state is State.OPEN:
             self._receive_frames(conn, trailing)
-
-    def _serve_http(self, conn: Connection, serve: ServeHttp) -> None:
-        try:
-            reply = serve.route(self, serve.headers)
-            conn.answer(reply[0], http_answer(reply, serve.head))
-        except Exception as exc:  # a route's bug: 500 for this request, the server goes on
-            self._contain("http", conn, exc)
-            return
-        self._closed(conn)
-
-    def _refuse(self, conn: Connection, refusal: Refuse) -> None:
-        """Refuse with a real HTTP response, then close: never accept-then-close."""
-        if refusal.failure is not None:
-            self._count_failure("verifier", None, refusal.failure)
-        status = refusal.status
-        if refusal.json:
-            body = json_error(_STATUS_CODES.get(status, "bad_request"), refusal.reason)
-            response = http_response(status, body, "application/json", refusal.headers)
-            counts = self.metrics.http
-            key = (refusal.endpoint, status)
-            counts[key] = counts.get(key, 0) + 1
-        else:
-            response = http_response(status, (refusal.reason + "\n").encode(), headers=refusal.headers)
-        conn.end_exchange()
-        conn.answer(status, response)
-        rejections = self.metrics.rejections
-        rejections[status] = rejections.get(status, 0) + 1
-        self._closed(conn)
 
     # -- frames ----------------------------------------------------------------------
 
@@ -4007,7 +4070,7 @@ class Server:
         if conn.state is State.OPEN:
             self.fail(conn, CloseReason.INTERNAL_ERROR, "internal error")
         elif conn.state is State.HANDSHAKE:
-            self._refuse(conn, Refuse(500, "internal error"))
+            self._handshakes.refuse(conn, Refuse(500, "internal error"))
         elif conn.state is State.CLOSING:
             self._closed(conn)
 
@@ -4055,16 +4118,9 @@ class Server:
 
     def _closed(self, conn: Connection) -> None:
         """The connection is CLOSED: its protocol is over, its socket is the shell's to close."""
-        if conn.state is not State.CLOSED:
-            addresses = self._addresses
-            left = addresses.get(conn.address, 1) - 1
-            if left > 0:
-                addresses[conn.address] = left
-            else:
-                addresses.pop(conn.address, None)
+        self._handshakes.forget(conn)
         conn.finish()
         self.connections.pop(conn.id, None)
-        self._handshaking.pop(conn, None)
 
     def _settle(self) -> None:
         """After each input: fail the slow consumers it produced."""
@@ -4095,7 +4151,9 @@ class Server:
             self._effects.append(PresenceChanged())
             return
         if kind is TimerKind.ANSWER_DUE:
-            self._answered_late(target)
+            conn = self.connections.get(target.conn_id)
+            if conn is not None:
+                self._handshakes.answer_late(conn, target)
             return
         conn = self.connections.get(target)
         if conn is None:
