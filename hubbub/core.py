@@ -17,8 +17,8 @@ through its public methods:
   ``HttpEndpoint`` of the server API, answered on a keep-alive connection) or ``Upgrade``;
   ``Handshakes`` carries the decisions out and owns the handshake deadlines and per-address counts.
 - ``Timers``: one heap of deadlines, by ``TimerKind``.
-- ``Connection``: one client: its parsers, output queue, rate bucket and keepalive; and the
-  API handlers use (they are never handed the server).
+- ``Connection``: one client: its parsers (``RequestReader`` for its HTTP side), output queue,
+  rate bucket and keepalive; and the API handlers use (they are never handed the server).
 - ``Room``: one room's members, per-pass batch and presence window; ``Rooms``: all of them,
   joins, leaves and presence.
 - ``Cluster``: the other instances, as their heartbeats describe them; duplicate detection.
@@ -1369,13 +1369,117 @@ class Exchange:
         """The body's length, when the request fast path took the head (h11 counts it otherwise)."""
 
 
+class RequestReader:
+    """One connection's HTTP side, from its first byte until it is a WebSocket (or closed): its
+    request heads (an ordinary complete head parsed by ``parse_head``, anything else by h11, made
+    only then), the body of a request to an ``HttpEndpoint`` (its ``Exchange``), and what the
+    client sent after (pipelined requests, or the first frames of a client that did not wait for
+    our 101). The connection makes it at the connect and drops it when it opens or closes;
+    ``Handshakes`` drives it."""
+
+    __slots__ = ("_config", "_http", "_inbox", "exchange")
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._http: h11.Connection | None = None  # made only for a request the fast path leaves to it
+        self._inbox = b""  # what was received and not read yet
+        self.exchange: Exchange | None = None
+        """The ``HttpEndpoint`` request in progress (its body arriving, or its answer awaited)."""
+
+    def read_request(self, data: bytes) -> RequestHead | Refuse | None:
+        """Handshake bytes in; the complete request once it is here (None until then), or the
+        refusal a malformed one gets."""
+        http = self._http
+        if http is None:
+            head = self._inbox + data if self._inbox else data
+            end = head.find(b"\r\n\r\n")
+            if end < 0 and len(head) <= self._config.max_header_bytes:
+                self._inbox = head
+                return None  # more to come
+            parsed = parse_head(head[:end]) if end >= 0 else None
+            if parsed is not None:
+                self._inbox = head[end + 4 :]  # the trailing bytes: frames sent before our 101
+                return parsed
+            self._inbox = b""
+            data = head
+            http = self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
+        try:
+            http.receive_data(data)
+            event = http.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Refuse(exc.error_status_hint, f"bad request: {exc}")
+        if event is h11.NEED_DATA:
+            return None
+        if not isinstance(event, h11.Request):
+            return Refuse(400, "bad request")
+        self._inbox = http.trailing_data[0]
+        return RequestHead(event.method, event.target, event.headers.raw_items(), event.http_version)
+
+    def begin_exchange(self, conn_id: int, call: CallEndpoint) -> None:
+        self.exchange = Exchange(conn_id, call)
+
+    def read_body(self, data: bytes) -> bytes | Refuse | None:
+        """Body bytes in (``data`` may be b"": what came with the head); the whole body once it is here,
+        None until then, or the refusal it gets (413 past ``max_message_size``, 400 if malformed)."""
+        exchange = self.exchange
+        assert exchange is not None
+        http = self._http
+        limit = self._config.max_message_size
+        if http is None:  # the fast path took the head: the body is its Content-Length bytes (none without)
+            length = exchange.length
+            if length > limit:
+                return Refuse(413, f"the body is over {limit} bytes", json=True)
+            buffered = self._inbox + data if data else self._inbox
+            if len(buffered) < length:
+                self._inbox = buffered
+                return None
+            self._inbox = buffered[length:]  # a pipelined next request, if any
+            return buffered[:length]
+        try:
+            if data:
+                http.receive_data(data)
+            while True:
+                event = http.next_event()
+                if event is h11.NEED_DATA:
+                    return None
+                if type(event) is h11.Data:
+                    exchange.size += len(event.data)
+                    if exchange.size > limit:
+                        return Refuse(413, f"the body is over {limit} bytes", json=True)
+                    exchange.parts.append(bytes(event.data))
+                elif type(event) is h11.EndOfMessage:
+                    self._inbox = http.trailing_data[0]  # a pipelined next request, if any
+                    self._http = None
+                    return b"".join(exchange.parts)
+                else:
+                    return Refuse(400, "bad request body", json=True)
+        except h11.RemoteProtocolError as exc:
+            return Refuse(exc.error_status_hint, f"bad request: {exc}", json=True)
+
+    def end_exchange(self) -> None:
+        self.exchange = None
+
+    def buffer_request(self, data: bytes) -> bool:
+        """Keep bytes of a pipelined request that arrived while an answer is awaited; False when the
+        client sent more than one request head and body may hold (it is not waiting for answers)."""
+        self._inbox += data
+        return len(self._inbox) <= self._config.max_header_bytes + self._config.max_message_size
+
+    @property
+    def trailing(self) -> bytes:
+        """What the client sent after its request (its first frames, if it did not wait for our 101)."""
+        return self._inbox
+
+
+
 class Connection:
     """One client, from its first byte to its close.
 
-    It owns the connection's protocol state (h11's request parser, then wsproto's engine and the
-    fragments of a message still arriving), its output queue and how full it is, its rate bucket
-    and keepalive, and who it is (``user``, ``params``, ``query``, ``claims``). The server drives
-    it through the methods under "for the server"; nothing else touches its insides.
+    It owns the connection's protocol state (its ``RequestReader`` until it opens, then the receive
+    fast path's buffer or wsproto's engine and the fragments of a message still arriving), its
+    output queue and how full it is, its rate bucket and keepalive, and who it is (``user``,
+    ``params``, ``query``, ``claims``). The server drives it through the methods under "for the
+    server" (and ``Handshakes`` its ``request``); nothing else touches its insides.
 
     **The handlers' API** (a handler needs nothing else, and is not handed the ``Server``): read
     ``id``, ``user``, ``params``, ``query``, ``claims``, ``peer``, ``now``, ``config``; act with
@@ -1392,9 +1496,7 @@ class Connection:
         "_bucket",
         "_config",
         "_deflate",
-        "_exchange",
         "_fast",
-        "_http",
         "_inbox",
         "_keepalive",
         "_limit",
@@ -1418,6 +1520,7 @@ class Connection:
         "peer",
         "query",
         "reply_size",
+        "request",
         "rooms",
         "shell",
         "state",
@@ -1449,17 +1552,16 @@ class Connection:
         self.deflate_bits: int | None = None
         self.shell: Any = None  # the shell's own object for this connection (its socket or transport)
         self.backlogged = False  # input is buffered that this pass had no budget for: see Server.resume
+        self.request: RequestReader | None = RequestReader(config)  # its HTTP side, until it opens or closes
         self._server = server
         self._outbox = outbox
         self._config = config
-        self._http: h11.Connection | None = None  # made only for a request the fast path leaves to it
-        self._exchange: Exchange | None = None  # a request to an HttpEndpoint, until it is answered
         self._ws: WSConnection | None = None  # wsproto, made when first needed (see ``_engine``)
         self._upgraded = False  # a WebSocket (its engine may not be made yet)
         self._deflate: BoundedDeflate | None = None  # permessage-deflate, if agreed
         self._limit = 0  # bytes per message
         self._fast = False  # the receive fast path reads the stream (until its first odd frame)
-        self._inbox = b""  # what the fast path has not read yet, from ``_at`` on
+        self._inbox = b""  # what the fast path has not read yet, from ``_at`` on (a WebSocket's)
         self._at = 0
         self._parts: list[str | bytes] | tuple[()] = ()  # a fragmented message's parts (a list once it has some)
         self._binary = False
@@ -1649,95 +1751,11 @@ class Connection:
 
     # -- for the server: the protocol engines ---------------------------------
 
-    def read_request(self, data: bytes) -> RequestHead | Refuse | None:
-        """Handshake bytes in; the complete request once it is here (None until then), or the
-        refusal a malformed one gets. A complete, ordinary head is parsed here (``parse_head``);
-        anything else, and a head that never completes, goes to h11 (made only then)."""
-        http = self._http
-        if http is None:
-            head = self._inbox + data if self._inbox else data
-            end = head.find(b"\r\n\r\n")
-            if end < 0 and len(head) <= self._config.max_header_bytes:
-                self._inbox = head
-                return None  # more to come
-            parsed = parse_head(head[:end]) if end >= 0 else None
-            if parsed is not None:
-                self._inbox = head[end + 4 :]  # the trailing bytes: frames sent before our 101
-                return parsed
-            self._inbox = b""
-            data = head
-            http = self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=self._config.max_header_bytes)
-        try:
-            http.receive_data(data)
-            event = http.next_event()
-        except h11.RemoteProtocolError as exc:
-            return Refuse(exc.error_status_hint, f"bad request: {exc}")
-        if event is h11.NEED_DATA:
-            return None
-        if not isinstance(event, h11.Request):
-            return Refuse(400, "bad request")
-        self._inbox = http.trailing_data[0]
-        return RequestHead(event.method, event.target, event.headers.raw_items(), event.http_version)
-
     @property
     def exchange(self) -> Exchange | None:
         """The ``HttpEndpoint`` request in progress (its body arriving, or its answer awaited)."""
-        return self._exchange
-
-    def begin_exchange(self, call: CallEndpoint) -> None:
-        self._exchange = Exchange(self.id, call)
-
-    def read_body(self, data: bytes) -> bytes | Refuse | None:
-        """Body bytes in (``data`` may be b"": what came with the head); the whole body once it is here,
-        None until then, or the refusal it gets (413 past ``max_message_size``, 400 if malformed)."""
-        exchange = self._exchange
-        assert exchange is not None
-        http = self._http
-        limit = self._config.max_message_size
-        if http is None:  # the fast path took the head: the body is its Content-Length bytes (none without)
-            length = exchange.length
-            if length > limit:
-                return Refuse(413, f"the body is over {limit} bytes", json=True)
-            buffered = self._inbox + data if data else self._inbox
-            if len(buffered) < length:
-                self._inbox = buffered
-                return None
-            self._inbox = buffered[length:]  # a pipelined next request, if any
-            return buffered[:length]
-        try:
-            if data:
-                http.receive_data(data)
-            while True:
-                event = http.next_event()
-                if event is h11.NEED_DATA:
-                    return None
-                if type(event) is h11.Data:
-                    exchange.size += len(event.data)
-                    if exchange.size > limit:
-                        return Refuse(413, f"the body is over {limit} bytes", json=True)
-                    exchange.parts.append(bytes(event.data))
-                elif type(event) is h11.EndOfMessage:
-                    self._inbox = http.trailing_data[0]  # a pipelined next request, if any
-                    self._http = None
-                    return b"".join(exchange.parts)
-                else:
-                    return Refuse(400, "bad request body", json=True)
-        except h11.RemoteProtocolError as exc:
-            return Refuse(exc.error_status_hint, f"bad request: {exc}", json=True)
-
-    def end_exchange(self) -> None:
-        self._exchange = None
-
-    def buffer_request(self, data: bytes) -> bool:
-        """Keep bytes of a pipelined request that arrived while an answer is awaited; False when the
-        client sent more than one request head and body may hold (it is not waiting for answers)."""
-        self._inbox += data
-        return len(self._inbox) <= self._config.max_header_bytes + self._config.max_message_size
-
-    @property
-    def trailing(self) -> bytes:
-        """What the client sent after its request (its first frames, if it did not wait for our 101)."""
-        return b"" if self._upgraded else self._inbox
+        request = self.request
+        return request.exchange if request is not None else None
 
     def open(self, upgrade: Upgrade) -> None:
         """Become a WebSocket as ``upgrade`` decided: the 101 goes out first."""
@@ -1749,7 +1767,7 @@ class Connection:
         self.deflate_bits = upgrade.deflate_bits
         self.queue(upgrade.response)
         self.status = 101
-        self._http = None
+        self.request = None
         self._upgraded = True
         self._limit = upgrade.max_message_size
         self._deflate = upgrade.deflate
@@ -2010,8 +2028,7 @@ class Connection:
         self.state = State.CLOSED
         self.backlogged = False
         self._ws = None
-        self._http = None
-        self._exchange = None
+        self.request = None
         self._upgraded = False
         self._deflate = None
         self._inbox, self._at = b"", 0
@@ -3180,6 +3197,13 @@ def http_answer(reply: HttpReply, head: bool) -> bytes:
     return response[: len(response) - len(body)] if head else response
 
 
+def _reader(conn: Connection) -> RequestReader:
+    """The request reader of a connection in its handshake (it has one until it opens or closes)."""
+    reader = conn.request
+    assert reader is not None, f"{conn!r} has no request reader"
+    return reader
+
+
 class Handshakes:
     """Every connection until it is a WebSocket, and the server API's HTTP exchanges.
 
@@ -3263,7 +3287,7 @@ class Handshakes:
         if exchange is None:
             self.serve(conn, data)
         elif exchange.waiting:  # a pipelined request behind one whose answer is awaited: kept for after it
-            if not conn.buffer_request(data):
+            if not _reader(conn).buffer_request(data):
                 self._server.abort(conn)
         elif self._read_body(conn, data):
             self.serve(conn, b"")
@@ -3274,8 +3298,9 @@ class Handshakes:
         frames; the rest waits for ``Server.resume`` (which calls this with no new bytes)."""
         conn.backlogged = False
         budget = self._server.config.frames_per_pass
+        reader = _reader(conn)
         while True:
-            request = conn.read_request(data)
+            request = reader.read_request(data)
             data = b""
             if request is None:
                 return
@@ -3284,12 +3309,12 @@ class Handshakes:
             else:
                 decision = self._gate.decide(request, self._addresses.get(conn.address, 0), self._server.open_count)
             if isinstance(decision, CallEndpoint):
-                conn.begin_exchange(decision)
+                reader.begin_exchange(conn.id, decision)
                 if not self._read_body(conn, b""):
                     return
             elif isinstance(decision, Upgrade):
                 self._deadlines.pop(conn, None)
-                self._accept(conn, decision, conn.trailing)
+                self._accept(conn, decision, reader.trailing)
                 return
             elif isinstance(decision, ServeHttp):
                 self._serve_http(conn, decision)
@@ -3298,7 +3323,7 @@ class Handshakes:
                 self.refuse(conn, decision)
                 return
             budget -= 1
-            if not conn.trailing:
+            if not reader.trailing:
                 return
             if budget <= 0:
                 conn.backlogged = True
@@ -3330,7 +3355,7 @@ class Handshakes:
             counts[key] = counts.get(key, 0) + 1
         else:
             response = http_response(status, (refusal.reason + "\n").encode(), headers=refusal.headers)
-        conn.end_exchange()
+        _reader(conn).end_exchange()
         conn.answer(status, response)
         rejections = metrics.rejections
         rejections[status] = rejections.get(status, 0) + 1
@@ -3339,7 +3364,7 @@ class Handshakes:
     def _read_body(self, conn: Connection, data: bytes) -> bool:
         """Body bytes for the connection's ``HttpEndpoint`` request; once it is whole, the endpoint is
         called. True when it was answered and the connection waits for its next request."""
-        body = conn.read_body(data)
+        body = _reader(conn).read_body(data)
         if body is None:
             return False
         if isinstance(body, Refuse):
@@ -3378,7 +3403,7 @@ class Handshakes:
         if exchange is None:
             return False  # answered already (a late backend reply after a 504)
         call = exchange.call
-        conn.end_exchange()
+        _reader(conn).end_exchange()
         server = self._server
         keep_alive = call.keep_alive and conn.outbound_size <= server.config.max_buffer
         extra = list(headers)
