@@ -22,8 +22,10 @@ through its public methods:
 - ``Room``: one room's members, per-pass batch and presence window; ``Rooms``: all of them,
   joins, leaves and presence.
 - ``Cluster``: the other instances, as their heartbeats describe them; duplicate detection.
-- ``Server``: ties them together: the shell's API, frame dispatch, the backends' replies and
-  the close lifecycle (``send_close``, ``fail``, ``abort``).
+- ``Messages``: a message's way through the instance: ids, publish keys, recoveries, the pass's
+  effects for the backends, and the backends' answers (broker deliveries, store acks and reads).
+- ``Server``: ties them together: the shell's API, frame dispatch, timers and the close
+  lifecycle (``send_close``, ``fail``, ``abort``).
 
 Typical use from an event loop (README.md, "Embedding the core", has a complete one)::
 
@@ -1670,7 +1672,7 @@ class Connection:
         ``max_message_size`` as encoded is refused (``EventError``, ``bad_field``). ``key``: idempotency
         (``PublishKeys``): a repeat of ``(room, message["user"], key)`` is acked with the original id,
         and neither delivered nor stored again."""
-        return self._server.publish(self, room, message, ref, v2, key)
+        return self._server.messages.publish(self, room, message, ref, v2, key)
 
     def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake (the peer's close frame or ``close_timeout`` ends it)."""
@@ -1678,7 +1680,7 @@ class Connection:
 
     def new_id(self) -> str:
         """A unique, time-ordered message id (see ``Server.new_id``)."""
-        return self._server.new_id()
+        return self._server.messages.new_id()
 
     def available(self, backend: str) -> bool:
         """False while the shell reports ``backend`` ("store", "broker") down: refuse to write then."""
@@ -1696,20 +1698,20 @@ class Connection:
         else at the end of the presence window, with everyone's presence, and its messages and presence
         diffs start from there. ``since`` (the last message id the client saw): the ``joined`` also
         carries what it missed (``recovered``, ``messages``), perhaps after a store read."""
-        self._server.enter(self, room, meta, watch, ref, since)
+        self._server.messages.enter(self, room, meta, watch, ref, since)
 
     def repeat(self, room: str, user: str, key: str) -> tuple[str, Any] | None:
         """The ``(id, ts)`` of the stored message published with this key (``PublishKeys``), if known."""
-        seen = self._server.published(room, user, key)
+        seen = self._server.messages.published(room, user, key)
         return seen if isinstance(seen, tuple) else None
 
     def joining(self) -> int:
         """Joins with ``since`` of this connection that wait for the store (they count as rooms)."""
-        return self._server.joining(self)
+        return self._server.messages.joining(self)
 
     def leave(self, room: str) -> bool:
         """Leave ``room`` (False: this connection was not in it)."""
-        return self._server.leave(self, room)
+        return self._server.messages.leave(self, room)
 
     def update_meta(self, room: str, meta: bytes) -> bool:
         """This connection's metadata in ``room`` is now ``meta`` (encoded JSON); False: not in it."""
@@ -1718,7 +1720,7 @@ class Connection:
     def in_room(self, room: str) -> bool:
         """This connection is in ``room``, or joins it with ``since`` and waits for the store (it may
         publish there)."""
-        return any(each.name == room for each in self.rooms) or self._server.recovering(self, room)
+        return any(each.name == room for each in self.rooms) or self._server.messages.recovering(self, room)
 
     def presence_json(self, room: str) -> bytes:
         """``{USER: [META, ...]}`` of ``room`` on every instance, as encoded JSON."""
@@ -1727,19 +1729,19 @@ class Connection:
     def verify(self, token: str) -> tuple[str, Mapping[str, Any], float | None]:
         """(user, claims, expiry) of a new token, checked as at the handshake; ``EventError`` if it is
         not good (code ``forbidden``)."""
-        checked = self._server.verify(token)
+        checked = self._server.handshakes.verify(token)
         if isinstance(checked, Refuse):
             raise EventError("forbidden", checked.reason)
         return checked
 
     def renew(self, claims: Mapping[str, Any], expires: float | None) -> None:
         """Go on with a new token's ``claims`` (its ``exp``: ``expires``): the old one's expiry is off."""
-        self._server.renew(self, claims, expires)
+        self._server.handshakes.renew(self, claims, expires)
 
     def disconnect(self, user: str, room: str | None = None) -> int:
         """Remove ``user``'s connections on every instance (a server API request): from ``room`` only, or
         all of them, closed with 4001. Returns how many this instance had."""
-        return self._server.disconnect(user, room)
+        return self._server.messages.disconnect(user, room)
 
     def reply_raw(self, body: bytes) -> None:
         """``reply`` with an event that is already encoded JSON (``body``, UTF-8): a big state spliced
@@ -3215,6 +3217,8 @@ class Handshakes:
     The ``Server`` owns it and hands it the connections in ``State.HANDSHAKE``: ``start``,
     ``receive``, ``serve``, ``expire``, ``answer``, ``refuse``, ``forget``. It hands them back
     through the server's ``abort`` and the ``accept`` and ``closed`` callbacks the server gave it.
+    A token's life after the handshake is here too, by the same rules: its expiry timers
+    (``schedule_expiry``) and the checks of a ``refresh`` (``verify``, ``renew``).
     """
 
     __slots__ = ("_accept", "_addresses", "_closed", "_deadlines", "_failed", "_gate", "_server", "_timers")
@@ -3361,6 +3365,33 @@ class Handshakes:
         rejections[status] = rejections.get(status, 0) + 1
         self._closed(conn)
 
+    def verify(self, token: str) -> Refuse | tuple[str, Mapping[str, Any], float | None]:
+        """A token's (user, claims, expiry), checked as at the handshake, or its 401."""
+        if self._gate.verifier is None:
+            return Refuse(401, "tokens are not in use here (no --jwt-secret or --jwt-public-key)")
+        checked = self._gate.verify(token)
+        if isinstance(checked, Refuse) and checked.failure is not None:
+            self._failed("verifier", None, checked.failure)
+        return checked
+
+    def renew(self, conn: Connection, claims: Mapping[str, Any], expires: float | None) -> None:
+        """``conn`` goes on with a new token's claims: the old token's timers no longer count."""
+        conn.claims = claims
+        conn.token_number += 1
+        conn.expires = None
+        if expires is not None:
+            self.schedule_expiry(conn, expires)
+
+    def schedule_expiry(self, conn: Connection, expires: float) -> None:
+        """The connection's token expires at ``expires``: close 1008 then, and (if its route warns)
+        ``token_expiring`` before."""
+        conn.expires = expires
+        self._timers.schedule(expires, TimerKind.TOKEN_EXPIRY, conn.id, conn.token_number)
+        endpoint = conn.endpoint
+        if endpoint is not None and endpoint.warns_expiry:
+            warn_at = expires - min(30.0, (expires - self._server.now) / 2)
+            self._timers.schedule(warn_at, TimerKind.TOKEN_EXPIRING, conn.id, conn.token_number)
+
     def _read_body(self, conn: Connection, data: bytes) -> bool:
         """Body bytes for the connection's ``HttpEndpoint`` request; once it is whole, the endpoint is
         called. True when it was answered and the connection waits for its next request."""
@@ -3454,6 +3485,316 @@ class IdClock:
         return f"{self._prefix}{self._seq:06x}{self._node}"
 
 
+class Messages:
+    """A message's way through this instance, and what the backends answer about it.
+
+    It owns the message ids (``IdClock``), the publish keys (``PublishKeys``), the joins with
+    ``since`` waiting for the store (``Recoveries``) and the pass's effects, the work for the
+    shell's backends, in the order it arose. It does ``publish`` (a handler's, through its
+    connection) and takes the backends' answers: the broker's ``deliver``, the store's ``ack`` and
+    ``unavailable`` for writes, ``history_reply`` and ``history_failed`` for reads. The ``Server``
+    owns it and forwards the shell's calls; it reaches the server through its public API and the
+    ``contain`` and ``settle`` steps the server gave it.
+    """
+
+    __slots__ = (
+        "_cluster",
+        "_connections",
+        "_contain",
+        "_effects",
+        "_handshakes",
+        "_ids",
+        "_keys",
+        "_recoveries",
+        "_rooms",
+        "_server",
+        "_settle",
+        "config",
+        "metrics",
+    )
+
+    def __init__(
+        self,
+        server: Server,
+        rooms: Rooms,
+        cluster: Cluster,
+        handshakes: Handshakes,
+        contain: Callable[[str, Connection | None, Exception], None],
+        settle: Callable[[], None],
+    ) -> None:
+        """``contain`` ends the connection a contained exception was working for; ``settle`` fails
+        the slow consumers an input produced (both the server's)."""
+        self._server = server
+        self.config = config = server.config
+        self.metrics = server.metrics
+        self._connections = server.connections  # read only: the server adds and removes them
+        self._rooms = rooms
+        self._cluster = cluster
+        self._handshakes = handshakes
+        self._contain = contain
+        self._settle = settle
+        self._effects: list[Effect] = []
+        self._ids = IdClock(config.node)
+        self._keys = PublishKeys(config.idempotency_keys)
+        self._recoveries = Recoveries(rooms, config)
+
+    def emit(self, effect: Effect) -> None:
+        """Work for the shell's backends (``Server.effects`` hands it over, in order)."""
+        self._effects.append(effect)
+
+    def take_effects(self) -> list[Effect]:
+        effects, self._effects = self._effects, []
+        return effects
+
+    def deliver(self, room: str, payload: Mapping[str, Any], node: str | None = None) -> int | None:
+        """A message from the broker (another instance) for the local members of ``room``.
+
+        Returns how many members it went to, or None when it was dropped as already delivered.
+        A ``"key"`` in ``payload`` (the publisher's idempotency key) is remembered and left out of what
+        the members get; the shell stores the payload with it (the store keeps it apart from the body,
+        in its unique index, so that a repeat stored elsewhere meanwhile is not kept twice).
+
+        With the publishing instance's ``node`` tag, each message is delivered once and in
+        order: our own messages coming back are ignored (we delivered them when they were
+        sent), and so is any id not newer than the last one delivered from that node.
+        """
+        if node is not None:
+            if node == self.config.node:
+                return None
+            if self._cluster.duplicate(node, payload.get("id")):
+                self.metrics.duplicates += 1
+                return None
+        if room == CONTROL_ROOM:
+            try:
+                self._control(payload)
+            except Exception as exc:
+                self._contain("deliver", None, exc)
+            self._settle()
+            return None
+        key = payload.get("key")  # for PublishKeys and the store's unique index, not for the members
+        message_id = payload.get("id")
+        try:
+            visible = payload if key is None else {name: value for name, value in payload.items() if name != "key"}
+            out = text_message(visible, self.config)
+            if isinstance(message_id, str):
+                count: int | None = self._rooms.publish(room, message_id, out, ())
+                if isinstance(key, str):
+                    self._keys.known((room, payload.get("user"), key), message_id, payload.get("ts"))
+            else:
+                count = self._rooms.broadcast(room, out, ())
+            self.metrics.deliveries += count or 0
+        except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
+            self._contain("deliver", None, exc)
+            count = None
+        self._settle()
+        return count
+
+    def ack(self, acks: Iterable[Ack]) -> None:
+        """The store committed these messages: tell each sender that is still connected (and the
+        repeats of a keyed one that waited for it)."""
+        connections = self._connections
+        keys = self._keys
+        for ack in acks:
+            conn = connections.get(ack.conn_id)
+            if conn is not None:
+                self._ack_one(conn, ack)
+            if keys.waiting:
+                for waiter in keys.stored(ack.id, ack.ts):
+                    conn = connections.get(waiter.conn_id)
+                    if conn is not None:
+                        self._ack_one(conn, waiter._replace(id=ack.id, ts=ack.ts))
+        self._settle()
+
+    def _ack_one(self, conn: Connection, ack: Ack) -> None:
+        """One sender's ack (its HTTP answer for an ``HttpEndpoint``'s publish); nothing without a ref."""
+        _, ref, message_id, ts, _ = ack
+        if ref is None:
+            return
+        try:
+            if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
+                self._handshakes.answer(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
+            elif ts is None:
+                conn.send({"event": "ack", "ref": ref, "id": message_id})
+            else:
+                conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
+        except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
+            self._contain("ack", conn, exc)
+
+    def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
+        """The store could not keep these messages: each sender gets an ``unavailable`` error (and the
+        repeats of a keyed one that waited for it; the key is free again)."""
+        acks = list(acks)
+        for ack in list(acks):
+            acks += [waiter._replace(id=ack.id) for waiter in self._keys.lost(ack.id)]
+        for ack in acks:
+            conn = self._connections.get(ack.conn_id)
+            if conn is not None and conn.state is State.HANDSHAKE:
+                self._handshakes.answer(conn, 503, json_error("unavailable", detail))
+            elif conn is not None:
+                error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
+                if ack.ref is not None:
+                    error["ref"] = ack.ref
+                if ack.room is not None:
+                    error["room"] = ack.room
+                self._answer_safely(conn, error)
+        self._settle()
+
+    def _answer_safely(self, conn: Connection, payload: Mapping[str, Any], where: str = "ack") -> None:
+        """One backend answer to one connection: its failure costs that connection, not the batch."""
+        try:
+            conn.send(payload)
+        except Exception as exc:
+            self._contain(where, conn, exc)
+
+    def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]], ref: Any = None) -> None:
+        """The store's answer to a ``History`` effect (with the request's ``ref``, if it had one)."""
+        if isinstance(ref, Recovery):
+            self._recovered(ref, messages)
+            return
+        conn = self._connections.get(conn_id)
+        if conn is not None:
+            try:
+                page = history_page(room, messages, self.config.max_buffer)
+                if conn.state is State.HANDSHAKE:  # an HttpEndpoint's request: {"room", "messages"}
+                    del page["event"]
+                    self._handshakes.answer(conn, 200, self.config.codec.dumps(page))
+                    self._settle()
+                    return
+                if ref is not None:
+                    page["ref"] = ref
+                conn.reply(page)
+            except Exception as exc:
+                self._contain("history", conn, exc)
+            self._settle()
+
+    def history_failed(self, conn_id: int, detail: str, ref: Any = None, room: str | None = None) -> None:
+        """The store could not answer a ``History`` effect."""
+        if isinstance(ref, Recovery):
+            self._recovered(ref, None)  # the join goes on, recovered false
+            return
+        conn = self._connections.get(conn_id)
+        if conn is not None:
+            if conn.state is State.HANDSHAKE:
+                self._handshakes.answer(conn, 503, json_error("unavailable", detail))
+            else:
+                conn.error("unavailable", detail, ref=ref, room=room)
+            self._settle()
+
+    def publish(
+        self, conn: Connection, room: str, message: dict[str, Any], ref: Any, v2: bool = False,
+        key: str | None = None,
+    ) -> str | None:
+        """``Connection.publish``: the broadcast (encoded once, batched for the pass) and the two
+        effects that take the message to the broker and the store; with a ``key``, a repeat is only
+        acked (``PublishKeys``)."""
+        if key is not None:
+            keyed = (room, message.get("user"), key)
+            seen = self._keys.lookup(keyed)
+            if seen is not None:
+                ack = Ack(conn.id, ref, "", None, room)
+                if isinstance(seen, list):
+                    seen.append(ack)  # acked when the original is stored
+                    return None
+                self._ack_one(conn, ack._replace(id=seen[0], ts=seen[1]))
+                return seen[0]
+        if not self._server.available("store"):
+            conn.error("unavailable", "the message store is unreachable: not sent", ref, room if v2 else None)
+            return None
+        now = self._server.now
+        message["id"] = message_id = self._ids.next(now)
+        message["ts"] = ts = int(now * 1000)
+        config = self.config
+        body = config.codec.dumps(message)
+        if v2 and len(body) > config.max_message_size:
+            raise EventError("bad_field", f"the message would be over {config.max_message_size} bytes", ref, room)
+        out = OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level)
+        count = self._rooms.publish(room, message_id, out, (conn,), conn.id)
+        self.metrics.deliveries += count
+        effects = self._effects
+        # the named tuples' own __new__ is a Python function; tuple.__new__ builds the same values in C
+        ack = _new_tuple(Ack, (conn.id, ref, message_id, ts, room) if v2 else (conn.id, ref, message_id, None, None))
+        if key is not None:  # the other instances learn it, and the store keeps it apart from the body
+            self._keys.storing(keyed, message_id)
+            message = {**message, "key": key}
+        effects.append(_new_tuple(Publish, (room, message)))
+        effects.append(_new_tuple(Stored, (room, message, ack)))
+        return message_id
+
+    def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any, since: str | None = None) -> None:
+        """v2's join (``Rooms.enter``); with ``since``, ``Recoveries.start`` (perhaps a store read first)."""
+        if conn.state is not State.OPEN:
+            raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
+        if since is None:
+            self._rooms.enter(conn, room, meta, watch, ref, self._server.now)
+            return
+        read = self._recoveries.start(conn, room, meta, watch, ref, since, self._server.now)
+        if read is not None:
+            self._effects.append(read)
+
+    def remember_keys(self, keys: Iterable[tuple[str, str, str, str, Any]]) -> None:
+        """Publish keys the store kept, (room, user, key, id, ts) oldest first: a restarted server knows them."""
+        for room, user, key, message_id, ts in keys:
+            self._keys.known((room, user, key), message_id, ts)
+
+    def published(self, room: str, user: str, key: str) -> tuple[str, Any] | list[Ack] | None:
+        """What ``PublishKeys`` knows of this key: the stored message's (id, ts), or the repeats waiting."""
+        return self._keys.lookup((room, user, key))
+
+    def recovering(self, conn: Connection, room: str) -> bool:
+        """``conn`` joins ``room`` with ``since`` and waits for the store's answer."""
+        return self._recoveries.waiting(conn, room)
+
+    def joining(self, conn: Connection) -> int:
+        """How many joins with ``since`` of ``conn`` wait for the store's answer."""
+        return self._recoveries.count(conn)
+
+    def _recovered(self, recovery: Recovery, messages: list[Mapping[str, Any]] | None) -> None:
+        """The store's answer for a join with ``since`` (None: it failed): the join goes on."""
+        conn = self._connections.get(recovery.conn_id)
+        try:
+            self._recoveries.answered(recovery, messages, conn, self._server.now)
+        except Exception as exc:
+            self._contain("recover", conn, exc)
+        self._settle()
+
+    def leave(self, conn: Connection, room: str) -> bool:
+        return self._recoveries.cancel(conn, room) or self._rooms.leave(conn, room, self._server.now)
+
+    def new_id(self) -> str:
+        """A unique, time-ordered message id (``IdClock``)."""
+        return self._ids.next(self._server.now)
+
+    def disconnect(self, user: str, room: str | None = None, everywhere: bool = True) -> int:
+        """Remove ``user``'s connections here, and (``everywhere``) tell the other instances to: with
+        ``room``, a ``/ws`` connection leaves it (``left``, reason ``removed``) and a v1 member of it is
+        closed; without, every connection of the user is closed with 4001. Returns how many were here."""
+        removed = 0
+        for conn in list(self._connections.values()):
+            if conn.user != user or conn.state is not State.OPEN:
+                continue
+            if room is None:
+                self._server.send_close(conn, CLOSE_REMOVED, "disconnected by the server")
+            elif not conn.in_room(room):
+                continue
+            elif conn.endpoint is not None and conn.endpoint.joins:
+                self.leave(conn, room)  # a join still waiting for the store is cancelled too
+                conn.send({"event": "left", "room": room, "reason": "removed"})
+            else:
+                self._server.send_close(conn, CLOSE_REMOVED, "removed from the room")
+            removed += 1
+        if everywhere:
+            command = {"event": "disconnect", "user": user, "room": room, "id": self.new_id()}
+            self.emit(Publish(CONTROL_ROOM, command))
+        return removed
+
+    def _control(self, command: Mapping[str, Any]) -> None:
+        """A command from another instance, on ``CONTROL_ROOM``."""
+        user, room = command.get("user"), command.get("room")
+        if command.get("event") == "disconnect" and isinstance(user, str) and (room is None or isinstance(room, str)):
+            self.disconnect(user, room, everywhere=False)
+
+
+
 def healthz(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
     """``GET /healthz``: counts only (never content), 503 while a backend is down."""
     stats = server.stats()
@@ -3463,14 +3804,15 @@ def healthz(server: Server, headers: Mapping[bytes, bytes]) -> HttpReply:
 
 class Server:
     """All connections and rooms of one hubbub instance: the shell's API, frame dispatch, the
-    backends' replies and the close lifecycle; the rest belongs to the parts it ties together
-    (``Handshakes``, ``Timers``, ``Connection``, ``Rooms``, ``Cluster``).
+    timers and the close lifecycle; the rest belongs to the parts it ties together
+    (``Handshakes``, ``Messages``, ``Timers``, ``Connection``, ``Rooms``, ``Cluster``).
 
     The shell calls: ``connect``, ``receive``, ``resume``, ``tick``, ``pending``, ``take_shared``,
     ``enqueue``, ``effects``, ``close_all``; the backends' answers ``ack``, ``unavailable``,
-    ``history_reply``, ``history_failed``, ``deliver``, ``remote_presence``, ``local_presence``,
-    ``set_available``. Metrics read ``metrics``, ``stats()`` and ``available()``. Handlers reach
-    the server only through their ``Connection``.
+    ``history_reply``, ``history_failed``, ``deliver``, ``remember_keys`` (each handed to
+    ``Messages``), ``remote_presence``, ``local_presence``, ``set_available``. Metrics read
+    ``metrics``, ``stats()`` and ``available()``. Handlers reach the server only through their
+    ``Connection`` (which reaches ``messages`` and ``handshakes`` for them).
 
     Closing, after websockets: ``send_close`` starts the closing handshake (our close frame, then
     the peer's, or ``close_timeout``); ``fail`` sends a close frame and is done at once (a protocol
@@ -3496,18 +3838,17 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self.open_count = 0
         self.metrics = Metrics()
-        self._gate = gate = Gatekeeper(router, config, {"/healthz": healthz, **(http_routes or {})}, verifier)
+        gate = Gatekeeper(router, config, {"/healthz": healthz, **(http_routes or {})}, verifier)
         self._timers = timers = Timers()
-        self._handshakes = Handshakes(self, gate, timers, self._accept, self._closed, self._count_failure)
+        self.handshakes = Handshakes(self, gate, timers, self._accept, self._closed, self._count_failure)
+        """The HTTP side, and the tokens' checks after it (``Connection`` reaches it for ``refresh``)."""
         self._cluster = Cluster(config.node, config.presence_ttl)
         self._rooms = Rooms(config, self._timers, self._cluster, self._presence_changed)
         self._outbox = Outbox()
-        self._effects: list[Effect] = []
         self._presence_dirty = False
         self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
-        self._ids = IdClock(config.node)
-        self._keys = PublishKeys(config.idempotency_keys)
-        self._recoveries = Recoveries(self._rooms, config)
+        self.messages = Messages(self, self._rooms, self._cluster, self.handshakes, self._contain, self._settle)
+        """Publishing, the broker's deliveries and the store's answers (``Connection`` reaches it)."""
         self._next_id = 1
         self._now = 0.0
 
@@ -3519,7 +3860,7 @@ class Server:
         conn = Connection(self, self._outbox, self._next_id, peer, now)
         self._next_id += 1
         self.connections[conn.id] = conn
-        self._handshakes.start(conn, now)
+        self.handshakes.start(conn, now)
         return conn
 
     def receive(self, conn: Connection, data: bytes, now: float) -> None:
@@ -3531,7 +3872,7 @@ class Server:
             if state is State.OPEN or state is State.CLOSING:
                 self._receive_frames(conn, data)
             elif state is State.HANDSHAKE:
-                self._handshakes.receive(conn, data)
+                self.handshakes.receive(conn, data)
         except Exception as exc:  # our bug, triggered by this peer's input: it costs this connection only
             self._contain("receive", conn, exc)
         self._settle()
@@ -3547,7 +3888,7 @@ class Server:
         try:
             if conn.backlogged:
                 if conn.state is State.HANDSHAKE:
-                    self._handshakes.serve(conn)
+                    self.handshakes.serve(conn)
                 else:
                     self._process_frames(conn, self.config.frames_per_pass)
         except Exception as exc:
@@ -3558,7 +3899,7 @@ class Server:
         """Run every timer that is due, and drop the handshakes that ran out of time; return when the
         next deadline is (None: none)."""
         self._now = now
-        self._handshakes.expire(now)
+        self.handshakes.expire(now)
         timers = self._timers
         while (due := timers.pop_due(now)) is not None:
             kind, target, seq = due
@@ -3607,8 +3948,7 @@ class Server:
 
     def effects(self) -> list[Effect]:
         """Work for the shell's backends since the last call (store, history, broker, logs)."""
-        effects, self._effects = self._effects, []
-        return effects
+        return self.messages.take_effects()
 
     def close_all(self, code: int = CloseReason.GOING_AWAY, reason: str = "server shutting down") -> None:
         """Queue a close for every client (1001 on shutdown) and drop unfinished handshakes."""
@@ -3623,7 +3963,7 @@ class Server:
     def next_deadline(self) -> float | None:
         """When ``tick`` next has work to do (None: no timer is set)."""
         deadline = self._timers.next_deadline
-        first = self._handshakes.next_deadline
+        first = self.handshakes.next_deadline
         if first is not None and (deadline is None or first < deadline):
             return first
         return deadline
@@ -3641,138 +3981,28 @@ class Server:
     # -- what the backends answer ---------------------------------------------------
 
     def deliver(self, room: str, payload: Mapping[str, Any], node: str | None = None) -> int | None:
-        """A message from the broker (another instance) for the local members of ``room``.
-
-        Returns how many members it went to, or None when it was dropped as already delivered.
-        A ``"key"`` in ``payload`` (the publisher's idempotency key) is remembered and left out of what
-        the members get; the shell stores the payload with it (the store keeps it apart from the body,
-        in its unique index, so that a repeat stored elsewhere meanwhile is not kept twice).
-
-        With the publishing instance's ``node`` tag, each message is delivered once and in
-        order: our own messages coming back are ignored (we delivered them when they were
-        sent), and so is any id not newer than the last one delivered from that node.
-        """
-        if node is not None:
-            if node == self.config.node:
-                return None
-            if self._cluster.duplicate(node, payload.get("id")):
-                self.metrics.duplicates += 1
-                return None
-        if room == CONTROL_ROOM:
-            try:
-                self._control(payload)
-            except Exception as exc:
-                self._contain("deliver", None, exc)
-            self._settle()
-            return None
-        key = payload.get("key")  # for PublishKeys and the store's unique index, not for the members
-        message_id = payload.get("id")
-        try:
-            visible = payload if key is None else {name: value for name, value in payload.items() if name != "key"}
-            out = text_message(visible, self.config)
-            if isinstance(message_id, str):
-                count: int | None = self._rooms.publish(room, message_id, out, ())
-                if isinstance(key, str):
-                    self._keys.known((room, payload.get("user"), key), message_id, payload.get("ts"))
-            else:
-                count = self._rooms.broadcast(room, out, ())
-            self.metrics.deliveries += count or 0
-        except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
-            self._contain("deliver", None, exc)
-            count = None
-        self._settle()
-        return count
+        """A message from the broker for the local members of ``room`` (``Messages.deliver``)."""
+        return self.messages.deliver(room, payload, node)
 
     def ack(self, acks: Iterable[Ack]) -> None:
-        """The store committed these messages: tell each sender that is still connected (and the
-        repeats of a keyed one that waited for it)."""
-        connections = self.connections
-        keys = self._keys
-        for ack in acks:
-            conn = connections.get(ack.conn_id)
-            if conn is not None:
-                self._ack_one(conn, ack)
-            if keys.waiting:
-                for waiter in keys.stored(ack.id, ack.ts):
-                    conn = connections.get(waiter.conn_id)
-                    if conn is not None:
-                        self._ack_one(conn, waiter._replace(id=ack.id, ts=ack.ts))
-        self._settle()
-
-    def _ack_one(self, conn: Connection, ack: Ack) -> None:
-        """One sender's ack (its HTTP answer for an ``HttpEndpoint``'s publish); nothing without a ref."""
-        _, ref, message_id, ts, _ = ack
-        if ref is None:
-            return
-        try:
-            if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
-                self._handshakes.answer(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
-            elif ts is None:
-                conn.send({"event": "ack", "ref": ref, "id": message_id})
-            else:
-                conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
-        except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
-            self._contain("ack", conn, exc)
+        """The store committed these messages (``Messages.ack``)."""
+        self.messages.ack(acks)
 
     def unavailable(self, acks: Iterable[Ack], detail: str) -> None:
-        """The store could not keep these messages: each sender gets an ``unavailable`` error (and the
-        repeats of a keyed one that waited for it; the key is free again)."""
-        acks = list(acks)
-        for ack in list(acks):
-            acks += [waiter._replace(id=ack.id) for waiter in self._keys.lost(ack.id)]
-        for ack in acks:
-            conn = self.connections.get(ack.conn_id)
-            if conn is not None and conn.state is State.HANDSHAKE:
-                self._handshakes.answer(conn, 503, json_error("unavailable", detail))
-            elif conn is not None:
-                error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
-                if ack.ref is not None:
-                    error["ref"] = ack.ref
-                if ack.room is not None:
-                    error["room"] = ack.room
-                self._answer_safely(conn, error)
-        self._settle()
-
-    def _answer_safely(self, conn: Connection, payload: Mapping[str, Any], where: str = "ack") -> None:
-        """One backend answer to one connection: its failure costs that connection, not the batch."""
-        try:
-            conn.send(payload)
-        except Exception as exc:
-            self._contain(where, conn, exc)
+        """The store could not keep these messages (``Messages.unavailable``)."""
+        self.messages.unavailable(acks, detail)
 
     def history_reply(self, conn_id: int, room: str, messages: list[Mapping[str, Any]], ref: Any = None) -> None:
-        """The store's answer to a ``History`` effect (with the request's ``ref``, if it had one)."""
-        if isinstance(ref, Recovery):
-            self._recovered(ref, messages)
-            return
-        conn = self.connections.get(conn_id)
-        if conn is not None:
-            try:
-                page = history_page(room, messages, self.config.max_buffer)
-                if conn.state is State.HANDSHAKE:  # an HttpEndpoint's request: {"room", "messages"}
-                    del page["event"]
-                    self._handshakes.answer(conn, 200, self.config.codec.dumps(page))
-                    self._settle()
-                    return
-                if ref is not None:
-                    page["ref"] = ref
-                conn.reply(page)
-            except Exception as exc:
-                self._contain("history", conn, exc)
-            self._settle()
+        """The store's answer to a ``History`` effect (``Messages.history_reply``)."""
+        self.messages.history_reply(conn_id, room, messages, ref)
 
     def history_failed(self, conn_id: int, detail: str, ref: Any = None, room: str | None = None) -> None:
-        """The store could not answer a ``History`` effect."""
-        if isinstance(ref, Recovery):
-            self._recovered(ref, None)  # the join goes on, recovered false
-            return
-        conn = self.connections.get(conn_id)
-        if conn is not None:
-            if conn.state is State.HANDSHAKE:
-                self._handshakes.answer(conn, 503, json_error("unavailable", detail))
-            else:
-                conn.error("unavailable", detail, ref=ref, room=room)
-            self._settle()
+        """The store could not answer a ``History`` effect (``Messages.history_failed``)."""
+        self.messages.history_failed(conn_id, detail, ref, room)
+
+    def remember_keys(self, keys: Iterable[tuple[str, str, str, str, Any]]) -> None:
+        """Publish keys the store kept, oldest first (``Messages.remember_keys``)."""
+        self.messages.remember_keys(keys)
 
     def set_available(self, backend: str, up: bool) -> None:
         """The shell's latest word on a backend ("store", "broker"); /healthz answers 503 while one is down."""
@@ -3839,91 +4069,19 @@ class Server:
         return count
 
     def emit(self, effect: Effect) -> None:
-        self._effects.append(effect)
+        self.messages.emit(effect)
 
-    def publish(
-        self, conn: Connection, room: str, message: dict[str, Any], ref: Any, v2: bool = False,
-        key: str | None = None,
-    ) -> str | None:
-        """``Connection.publish``: the broadcast (encoded once, batched for the pass) and the two
-        effects that take the message to the broker and the store; with a ``key``, a repeat is only
-        acked (``PublishKeys``)."""
-        if key is not None:
-            keyed = (room, message.get("user"), key)
-            seen = self._keys.lookup(keyed)
-            if seen is not None:
-                ack = Ack(conn.id, ref, "", None, room)
-                if isinstance(seen, list):
-                    seen.append(ack)  # acked when the original is stored
-                    return None
-                self._ack_one(conn, ack._replace(id=seen[0], ts=seen[1]))
-                return seen[0]
-        if not self._backends.get("store", True):
-            conn.error("unavailable", "the message store is unreachable: not sent", ref, room if v2 else None)
-            return None
-        now = self._now
-        message["id"] = message_id = self._ids.next(now)
-        message["ts"] = ts = int(now * 1000)
-        config = self.config
-        body = config.codec.dumps(message)
-        if v2 and len(body) > config.max_message_size:
-            raise EventError("bad_field", f"the message would be over {config.max_message_size} bytes", ref, room)
-        out = OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level)
-        count = self._rooms.publish(room, message_id, out, (conn,), conn.id)
-        self.metrics.deliveries += count
-        effects = self._effects
-        # the named tuples' own __new__ is a Python function; tuple.__new__ builds the same values in C
-        ack = _new_tuple(Ack, (conn.id, ref, message_id, ts, room) if v2 else (conn.id, ref, message_id, None, None))
-        if key is not None:  # the other instances learn it, and the store keeps it apart from the body
-            self._keys.storing(keyed, message_id)
-            message = {**message, "key": key}
-        effects.append(_new_tuple(Publish, (room, message)))
-        effects.append(_new_tuple(Stored, (room, message, ack)))
-        return message_id
+    def joining(self, conn: Connection) -> int:
+        """How many joins with ``since`` of ``conn`` wait for the store's answer."""
+        return self.messages.joining(conn)
+
+    def disconnect(self, user: str, room: str | None = None, everywhere: bool = True) -> int:
+        """Remove ``user``'s connections here and (``everywhere``) on the other instances (``Messages.disconnect``)."""
+        return self.messages.disconnect(user, room, everywhere)
 
     def presence(self, room: str) -> list[str]:
         """Users present in a room on this instance and the others, sorted."""
         return self._rooms.presence(room)
-
-    def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any, since: str | None = None) -> None:
-        """v2's join (``Rooms.enter``); with ``since``, ``Recoveries.start`` (perhaps a store read first)."""
-        if conn.state is not State.OPEN:
-            raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
-        if since is None:
-            self._rooms.enter(conn, room, meta, watch, ref, self._now)
-            return
-        read = self._recoveries.start(conn, room, meta, watch, ref, since, self._now)
-        if read is not None:
-            self._effects.append(read)
-
-    def remember_keys(self, keys: Iterable[tuple[str, str, str, str, Any]]) -> None:
-        """Publish keys the store kept, (room, user, key, id, ts) oldest first: a restarted server knows them."""
-        for room, user, key, message_id, ts in keys:
-            self._keys.known((room, user, key), message_id, ts)
-
-    def published(self, room: str, user: str, key: str) -> tuple[str, Any] | list[Ack] | None:
-        """What ``PublishKeys`` knows of this key: the stored message's (id, ts), or the repeats waiting."""
-        return self._keys.lookup((room, user, key))
-
-    def recovering(self, conn: Connection, room: str) -> bool:
-        """``conn`` joins ``room`` with ``since`` and waits for the store's answer."""
-        return self._recoveries.waiting(conn, room)
-
-    def joining(self, conn: Connection) -> int:
-        """How many joins with ``since`` of ``conn`` wait for the store's answer."""
-        return self._recoveries.count(conn)
-
-    def _recovered(self, recovery: Recovery, messages: list[Mapping[str, Any]] | None) -> None:
-        """The store's answer for a join with ``since`` (None: it failed): the join goes on."""
-        conn = self.connections.get(recovery.conn_id)
-        try:
-            self._recoveries.answered(recovery, messages, conn, self._now)
-        except Exception as exc:
-            self._contain("recover", conn, exc)
-        self._settle()
-
-    def leave(self, conn: Connection, room: str) -> bool:
-        return self._recoveries.cancel(conn, room) or self._rooms.leave(conn, room, self._now)
 
     def update_meta(self, conn: Connection, room: str, meta: bytes) -> bool:
         return self._rooms.update(conn, room, meta, self._now)
@@ -3934,64 +4092,6 @@ class Server:
         if target is None:
             return _metas_json(self._cluster.metas(room), self.config.codec.dumps)
         return self._rooms.state_json(target)
-
-    def verify(self, token: str) -> Refuse | tuple[str, Mapping[str, Any], float | None]:
-        """A token's (user, claims, expiry), checked as at the handshake, or its 401."""
-        if self._gate.verifier is None:
-            return Refuse(401, "tokens are not in use here (no --jwt-secret or --jwt-public-key)")
-        checked = self._gate.verify(token)
-        if isinstance(checked, Refuse) and checked.failure is not None:
-            self._count_failure("verifier", None, checked.failure)
-        return checked
-
-    def renew(self, conn: Connection, claims: Mapping[str, Any], expires: float | None) -> None:
-        """``conn`` goes on with a new token's claims: the old token's timers no longer count."""
-        conn.claims = claims
-        conn.token_number += 1
-        conn.expires = None
-        if expires is not None:
-            self._schedule_expiry(conn, expires)
-
-    def _schedule_expiry(self, conn: Connection, expires: float) -> None:
-        conn.expires = expires
-        self._timers.schedule(expires, TimerKind.TOKEN_EXPIRY, conn.id, conn.token_number)
-        endpoint = conn.endpoint
-        if endpoint is not None and endpoint.warns_expiry:
-            warn_at = expires - min(30.0, (expires - self._now) / 2)
-            self._timers.schedule(warn_at, TimerKind.TOKEN_EXPIRING, conn.id, conn.token_number)
-
-    def new_id(self) -> str:
-        """A unique, time-ordered message id (``IdClock``)."""
-        return self._ids.next(self._now)
-
-    def disconnect(self, user: str, room: str | None = None, everywhere: bool = True) -> int:
-        """Remove ``user``'s connections here, and (``everywhere``) tell the other instances to: with
-        ``room``, a ``/ws`` connection leaves it (``left``, reason ``removed``) and a v1 member of it is
-        closed; without, every connection of the user is closed with 4001. Returns how many were here."""
-        removed = 0
-        for conn in list(self.connections.values()):
-            if conn.user != user or conn.state is not State.OPEN:
-                continue
-            if room is None:
-                self.send_close(conn, CLOSE_REMOVED, "disconnected by the server")
-            elif not conn.in_room(room):
-                continue
-            elif conn.endpoint is not None and conn.endpoint.joins:
-                self.leave(conn, room)  # a join still waiting for the store is cancelled too
-                conn.send({"event": "left", "room": room, "reason": "removed"})
-            else:
-                self.send_close(conn, CLOSE_REMOVED, "removed from the room")
-            removed += 1
-        if everywhere:
-            command = {"event": "disconnect", "user": user, "room": room, "id": self.new_id()}
-            self._effects.append(Publish(CONTROL_ROOM, command))
-        return removed
-
-    def _control(self, command: Mapping[str, Any]) -> None:
-        """A command from another instance, on ``CONTROL_ROOM``."""
-        user, room = command.get("user"), command.get("room")
-        if command.get("event") == "disconnect" and isinstance(user, str) and (room is None or isinstance(room, str)):
-            self.disconnect(user, room, everywhere=False)
 
     def _presence_changed(self) -> None:
         """This instance's presence changed: the shell hears of it (``PresenceChanged``) once per
@@ -4008,7 +4108,7 @@ class Server:
         conn.open(upgrade)
         self.open_count += 1
         if upgrade.expires is not None:
-            self._schedule_expiry(conn, upgrade.expires)
+            self.handshakes.schedule_expiry(conn, upgrade.expires)
         if cfg.ping_interval > 0:
             self._timers.schedule(self._now + cfg.ping_interval, TimerKind.PING, conn.id)
         endpoint = upgrade.endpoint
@@ -4083,7 +4183,7 @@ class Server:
     def _count_failure(self, where: str, conn: Connection | None, exc: Exception) -> None:
         failures = self.metrics.failures
         failures[where] = failures.get(where, 0) + 1
-        self._effects.append(Failure(conn.id if conn is not None else None, exc, where))
+        self.messages.emit(Failure(conn.id if conn is not None else None, exc, where))
 
     def _contain(self, where: str, conn: Connection | None, exc: Exception) -> None:
         """An exception escaped one step (``where``): count it, hand it to the shell's log as a
@@ -4095,7 +4195,7 @@ class Server:
         if conn.state is State.OPEN:
             self.fail(conn, CloseReason.INTERNAL_ERROR, "internal error")
         elif conn.state is State.HANDSHAKE:
-            self._handshakes.refuse(conn, Refuse(500, "internal error"))
+            self.handshakes.refuse(conn, Refuse(500, "internal error"))
         elif conn.state is State.CLOSING:
             self._closed(conn)
 
@@ -4143,7 +4243,7 @@ class Server:
 
     def _closed(self, conn: Connection) -> None:
         """The connection is CLOSED: its protocol is over, its socket is the shell's to close."""
-        self._handshakes.forget(conn)
+        self.handshakes.forget(conn)
         conn.finish()
         self.connections.pop(conn.id, None)
 
@@ -4173,12 +4273,12 @@ class Server:
             return
         if kind is TimerKind.ANNOUNCE:
             self._presence_dirty = False
-            self._effects.append(PresenceChanged())
+            self.messages.emit(PresenceChanged())
             return
         if kind is TimerKind.ANSWER_DUE:
             conn = self.connections.get(target.conn_id)
             if conn is not None:
-                self._handshakes.answer_late(conn, target)
+                self.handshakes.answer_late(conn, target)
             return
         conn = self.connections.get(target)
         if conn is None:
