@@ -1474,6 +1474,223 @@ class RequestReader:
 
 
 
+class FrameReader:
+    """A WebSocket's receive side, made when it opens: the receive fast path's buffer, then (from
+    the first frame the fast path does not take, or our own close frame) wsproto's engine, and the
+    fragments of a message still arriving. Its connection drives it (``feed``, ``read``) and hands
+    itself in for what the frames do to it: the rate limit, pongs, the close of a bad route."""
+
+    __slots__ = ("_at", "_binary", "_deflate", "_fast", "_inbox", "_limit", "_parts", "_ws")
+
+    def __init__(self, deflate: BoundedDeflate | None, limit: int, fast: bool) -> None:
+        self._ws: WSConnection | None = None  # wsproto, made when first needed (see ``_engine``)
+        self._deflate = deflate  # permessage-deflate, if agreed
+        self._limit = limit  # bytes per message
+        self._fast = fast  # the receive fast path reads the stream (until its first odd frame)
+        self._inbox = b""  # what the fast path has not read yet, from ``_at`` on
+        self._at = 0
+        self._parts: list[str | bytes] | tuple[()] = ()  # a fragmented message's parts (a list once it has some)
+        self._binary = False
+
+    @property
+    def state(self) -> WSState:
+        """wsproto's state; open while its engine is not made yet."""
+        return self._ws.state if self._ws is not None else WSState.OPEN
+
+    def send(self, event: CloseConnection) -> bytes:
+        """Our close frame, through wsproto (it tracks the closing handshake)."""
+        return self._engine().send(event)
+
+    def _engine(self) -> WSConnection:
+        """wsproto, made when first needed: for the first frame the fast path does not take, or for
+        our close frame. Until then it has seen nothing, so it starts where the stream stands: open,
+        at a frame boundary, no message in progress (the fast path takes whole messages only)."""
+        ws = self._ws
+        if ws is None:
+            extensions: list[Extension] = [self._deflate] if self._deflate is not None else []
+            extensions.append(SizeLimit(self._limit))  # after inflating: it counts what the message grew to
+            ws = self._ws = WSConnection(ConnectionType.SERVER, extensions)
+        return ws
+
+    def feed(self, data: bytes) -> None:
+        """Frame bytes in, for ``read``."""
+        if self._fast:
+            inbox = self._inbox
+            self._inbox = data if self._at >= len(inbox) else inbox[self._at :] + data
+            self._at = 0
+        else:
+            self._engine().receive_data(data)
+
+    def read(self, conn: Connection, budget: int | None) -> Iterator[str | bytes | CloseConnection]:
+        """The complete messages and the close frame in what was fed, from at most ``budget`` frames
+        (None: all of them). Pings are answered and pongs noted here; every frame costs a rate token.
+
+        Frames past the budget stay buffered: the connection is then ``backlogged`` until
+        ``Server.resume`` reads on (one connection's flood delays the others by one budget at most,
+        however much it sends in one read)."""
+        conn.backlogged = False
+        left = budget if budget is not None and budget > 0 else -1
+        if self._fast:
+            left = yield from self._read_fast(conn, left)
+            if self._fast or left == 0:
+                return
+        for event in self._engine().events():
+            if conn.state is State.CLOSED:
+                return
+            if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
+                if conn.state is State.OPEN:
+                    message = self._data(conn, event)
+                    if message is not None:
+                        yield message
+            elif isinstance(event, Ping):
+                if conn.ws_open and conn.admit(False):
+                    conn.send_frame(Pong(event.payload))
+            elif isinstance(event, Pong):
+                if conn.admit(False):
+                    conn.pong(event.payload)
+            elif isinstance(event, CloseConnection):
+                yield event
+            left -= 1
+            if left == 0:
+                conn.backlogged = conn.state is not State.CLOSED
+                return
+
+    def _read_fast(self, conn: Connection, left: int) -> Generator[str | bytes | CloseConnection, None, int]:
+        """The receive fast path: whole frames straight from the buffered bytes, no wsproto.
+
+        It takes what nearly every client sends: a masked, unfragmented text or binary frame (RSV1
+        only on a permessage-deflate connection) under the message size limit, whole in the buffer,
+        and pings and pongs. It unmasks in one C-speed integer XOR and decodes UTF-8 strictly. The
+        first frame it does not take (a fragment, a close, a reserved bit or opcode, an unmasked or
+        oversized frame, invalid UTF-8, a big frame still arriving) and everything after it go to
+        wsproto, for good: wsproto's answer to it is the answer (tests/test_core_fastpath.py proves
+        both paths give the same events and close codes for any stream). Returns the budget left."""
+        buf = self._inbox
+        end = len(buf)
+        pos = self._at
+        limit = self._limit
+        deflate = self._deflate
+        closed, open_ = State.CLOSED, State.OPEN
+        raw = conn.endpoint is not None and conn.endpoint.on_raw is not None
+        unlimited = conn.config.rate_limit <= 0
+        while True:
+            if pos + 2 > end or conn.state is closed:
+                break
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            n = b1 & 0x7F
+            # judged from the first two bytes, as wsproto does: unmasked, not a kind this path takes, a control
+            # frame over 125 bytes
+            if b1 < 0x80 or not (
+                b0 in _FAST_DATA or (b0 in _FAST_CONTROL and n < 126) or (b0 in _FAST_DEFLATED and deflate is not None)
+            ):
+                return (yield from self._hand_over(buf, pos, left))
+            head = pos + 2
+            if n == 126:
+                if pos + 4 > end:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = pos + 4
+            elif n == 127:
+                if pos + 10 > end:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = pos + 10
+            if n > limit:  # wsproto's size limit answers it (1009) as soon as the header is in
+                return (yield from self._hand_over(buf, pos, left))
+            stop = head + 4 + n
+            if stop > end:
+                if (
+                    stop - pos > _FAST_PARTIAL
+                    or b0 & 0x40
+                    or (b0 == 0x81 and not _utf8_so_far(buf, head, end))
+                    or (b0 == 0x82 and not raw)
+                ):
+                    # A big frame still arriving (wsproto streams it as it comes); a compressed one (wsproto
+                    # inflates as it comes, so it can fail a bad one before it is whole); text that is already
+                    # not UTF-8, or binary on a JSON route (wsproto fails those at once, as the RFC asks).
+                    return (yield from self._hand_over(buf, pos, left))
+                break
+            payload = _unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
+            if b0 & 0x40:  # compressed, on a deflate connection
+                inflated = deflate.inflate_message(payload)  # type: ignore[union-attr]
+                if isinstance(inflated, CloseReason):  # as wsproto reports an extension's refusal
+                    self._at = stop
+                    yield CloseConnection(inflated, "error in extension")
+                    return 0
+                payload = inflated
+            message: str | bytes | None = None
+            if b0 & 0x0F == 0x1:
+                try:
+                    message = payload.decode()
+                except UnicodeDecodeError as exc:
+                    if not b0 & 0x40:  # wsproto answers it (1007), in its own words
+                        return (yield from self._hand_over(buf, pos, left))
+                    self._at = stop  # inflated already, so it cannot be handed over: wsproto's answer here
+                    yield CloseConnection(CloseReason.INVALID_FRAME_PAYLOAD_DATA, str(exc))
+                    return 0
+            elif b0 & 0x0F == 0x2:
+                message = payload
+            self._at = pos = stop
+            if message is None:
+                if b0 == 0x89:
+                    if conn.ws_open and conn.admit(False):
+                        conn.queue(encode_frame(0xA, payload))
+                elif conn.admit(False):
+                    conn.pong(payload)
+            elif conn.state is open_:
+                if not raw and type(message) is bytes:
+                    conn.close(CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route"
+                    )
+                elif unlimited or conn.admit(True):
+                    yield message
+            left -= 1
+            if left == 0:
+                conn.backlogged = pos < end and conn.state is not closed
+                return 0
+        if pos >= end or conn.state is closed:
+            self._inbox, self._at = b"", 0
+        else:
+            self._at = pos  # a frame still arriving: the rest comes with the next read
+        return left
+
+    def _hand_over(self, buf: bytes, pos: int, left: int) -> Generator[str | bytes, None, int]:
+        """From the frame at ``pos`` on, the stream is wsproto's (``read_frames`` goes on there)."""
+        self._fast = False
+        self._inbox, self._at = b"", 0
+        self._engine().receive_data(buf[pos:])
+        return left
+        yield  # a generator, so that _read_fast can ``yield from`` it
+
+    def _data(self, conn: Connection, event: TextMessage | BytesMessage) -> str | bytes | None:
+        """One data frame (or part of one) from wsproto: the whole message once its last fragment came
+        and the rate admits it. A fragment that ends no message costs a token of its own."""
+        assert conn.endpoint is not None
+        if isinstance(event, BytesMessage) and conn.endpoint.on_raw is None:
+            conn.close(CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route")
+            return None
+        if event.frame_finished and not event.message_finished and not conn.admit(False):
+            return None
+        if isinstance(event, BytesMessage):
+            self._binary = True
+        if self._parts:
+            self._parts.append(event.data)  # type: ignore[union-attr]
+        else:
+            self._parts = [event.data]
+        if not event.message_finished:
+            return None
+        parts = self._parts
+        self._parts = ()
+        message: str | bytes
+        if self._binary:
+            self._binary = False
+            message = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
+        else:
+            message = parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
+        return message if conn.admit(True) else None
+
+
+
 class Connection:
     """One client, from its first byte to its close.
 
@@ -1493,20 +1710,11 @@ class Connection:
     """
 
     __slots__ = (
-        "_at",
-        "_binary",
         "_bucket",
         "_config",
-        "_deflate",
-        "_fast",
-        "_inbox",
         "_keepalive",
-        "_limit",
         "_outbox",
-        "_parts",
         "_server",
-        "_upgraded",
-        "_ws",
         "address",
         "backlogged",
         "claims",
@@ -1515,6 +1723,7 @@ class Connection:
         "deflate_bits",
         "endpoint",
         "expires",
+        "frames",
         "id",
         "outbound",
         "outbound_size",
@@ -1558,15 +1767,7 @@ class Connection:
         self._server = server
         self._outbox = outbox
         self._config = config
-        self._ws: WSConnection | None = None  # wsproto, made when first needed (see ``_engine``)
-        self._upgraded = False  # a WebSocket (its engine may not be made yet)
-        self._deflate: BoundedDeflate | None = None  # permessage-deflate, if agreed
-        self._limit = 0  # bytes per message
-        self._fast = False  # the receive fast path reads the stream (until its first odd frame)
-        self._inbox = b""  # what the fast path has not read yet, from ``_at`` on (a WebSocket's)
-        self._at = 0
-        self._parts: list[str | bytes] | tuple[()] = ()  # a fragmented message's parts (a list once it has some)
-        self._binary = False
+        self.frames: FrameReader | None = None  # its receive side, once it is a WebSocket
         # made when first needed (the first message, the first ping): an idle connection costs less without them
         self._bucket: RateBucket | None = None
         self._keepalive: Keepalive | None = None
@@ -1770,209 +1971,29 @@ class Connection:
         self.queue(upgrade.response)
         self.status = 101
         self.request = None
-        self._upgraded = True
-        self._limit = upgrade.max_message_size
-        self._deflate = upgrade.deflate
-        self._fast = self._server.fast_path
-        self._inbox, self._at = b"", 0  # the trailing bytes are fed to read_frames by the server
-        self.state = State.OPEN
+        self.frames = FrameReader(upgrade.deflate, upgrade.max_message_size, self._server.fast_path)
+        self.state = State.OPEN  # the trailing bytes are fed to its frames by the server
 
     def answer(self, status: int, response: bytes) -> None:
         """Answer the HTTP request (a refusal, or a plain HTTP route's answer) and be done."""
         self.queue(response)
         self.status = status
 
-    def _engine(self) -> WSConnection:
-        """wsproto, made when first needed: for the first frame the fast path does not take, or for
-        our close frame. Until then it has seen nothing, so it starts where the stream stands: open,
-        at a frame boundary, no message in progress (the fast path takes whole messages only)."""
-        ws = self._ws
-        if ws is None:
-            assert self._upgraded
-            extensions: list[Extension] = [self._deflate] if self._deflate is not None else []
-            extensions.append(SizeLimit(self._limit))  # after inflating: it counts what the message grew to
-            ws = self._ws = WSConnection(ConnectionType.SERVER, extensions)
-        return ws
-
     def feed(self, data: bytes) -> None:
         """Frame bytes in, for ``read_frames``."""
-        if self._fast:
-            inbox = self._inbox
-            self._inbox = data if self._at >= len(inbox) else inbox[self._at :] + data
-            self._at = 0
-        else:
-            self._engine().receive_data(data)
+        self.frames.feed(data)  # type: ignore[union-attr]
 
     def read_frames(self, budget: int | None) -> Iterator[str | bytes | CloseConnection]:
         """The complete messages and the close frame in what was fed, from at most ``budget`` frames
-        (None: all of them). Pings are answered and pongs noted here; every frame costs a rate token.
+        (``FrameReader.read``)."""
+        return self.frames.read(self, budget)  # type: ignore[union-attr]
 
-        Frames past the budget stay buffered: the connection is then ``backlogged`` until
-        ``Server.resume`` reads on (one connection's flood delays the others by one budget at most,
-        however much it sends in one read)."""
-        self.backlogged = False
-        left = budget if budget is not None and budget > 0 else -1
-        if self._fast:
-            left = yield from self._read_fast(left)
-            if self._fast or left == 0:
-                return
-        for event in self._engine().events():
-            if self.state is State.CLOSED:
-                return
-            if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
-                if self.state is State.OPEN:
-                    message = self._data(event)
-                    if message is not None:
-                        yield message
-            elif isinstance(event, Ping):
-                if self.ws_open and self._admit(False):
-                    self.send_frame(Pong(event.payload))
-            elif isinstance(event, Pong):
-                if self._admit(False) and self._keepalive is not None:
-                    self._keepalive.pong(event.payload)
-            elif isinstance(event, CloseConnection):
-                yield event
-            left -= 1
-            if left == 0:
-                self.backlogged = self.state is not State.CLOSED
-                return
+    def pong(self, payload: bytes) -> None:
+        """A pong came (its frame passed the rate limit): the keepalive notes it."""
+        if self._keepalive is not None:
+            self._keepalive.pong(payload)
 
-    def _read_fast(self, left: int) -> Generator[str | bytes | CloseConnection, None, int]:
-        """The receive fast path: whole frames straight from the buffered bytes, no wsproto.
-
-        It takes what nearly every client sends: a masked, unfragmented text or binary frame (RSV1
-        only on a permessage-deflate connection) under the message size limit, whole in the buffer,
-        and pings and pongs. It unmasks in one C-speed integer XOR and decodes UTF-8 strictly. The
-        first frame it does not take (a fragment, a close, a reserved bit or opcode, an unmasked or
-        oversized frame, invalid UTF-8, a big frame still arriving) and everything after it go to
-        wsproto, for good: wsproto's answer to it is the answer (tests/test_core_fastpath.py proves
-        both paths give the same events and close codes for any stream). Returns the budget left."""
-        buf = self._inbox
-        end = len(buf)
-        pos = self._at
-        limit = self._limit
-        deflate = self._deflate
-        closed, open_ = State.CLOSED, State.OPEN
-        raw = self.endpoint is not None and self.endpoint.on_raw is not None
-        unlimited = self._config.rate_limit <= 0
-        while True:
-            if pos + 2 > end or self.state is closed:
-                break
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            n = b1 & 0x7F
-            # judged from the first two bytes, as wsproto does: unmasked, not a kind this path takes, a control
-            # frame over 125 bytes
-            if b1 < 0x80 or not (
-                b0 in _FAST_DATA or (b0 in _FAST_CONTROL and n < 126) or (b0 in _FAST_DEFLATED and deflate is not None)
-            ):
-                return (yield from self._hand_over(buf, pos, left))
-            head = pos + 2
-            if n == 126:
-                if pos + 4 > end:
-                    break
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = pos + 4
-            elif n == 127:
-                if pos + 10 > end:
-                    break
-                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = pos + 10
-            if n > limit:  # wsproto's size limit answers it (1009) as soon as the header is in
-                return (yield from self._hand_over(buf, pos, left))
-            stop = head + 4 + n
-            if stop > end:
-                if (
-                    stop - pos > _FAST_PARTIAL
-                    or b0 & 0x40
-                    or (b0 == 0x81 and not _utf8_so_far(buf, head, end))
-                    or (b0 == 0x82 and not raw)
-                ):
-                    # A big frame still arriving (wsproto streams it as it comes); a compressed one (wsproto
-                    # inflates as it comes, so it can fail a bad one before it is whole); text that is already
-                    # not UTF-8, or binary on a JSON route (wsproto fails those at once, as the RFC asks).
-                    return (yield from self._hand_over(buf, pos, left))
-                break
-            payload = _unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
-            if b0 & 0x40:  # compressed, on a deflate connection
-                inflated = deflate.inflate_message(payload)  # type: ignore[union-attr]
-                if isinstance(inflated, CloseReason):  # as wsproto reports an extension's refusal
-                    self._at = stop
-                    yield CloseConnection(inflated, "error in extension")
-                    return 0
-                payload = inflated
-            message: str | bytes | None = None
-            if b0 & 0x0F == 0x1:
-                try:
-                    message = payload.decode()
-                except UnicodeDecodeError as exc:
-                    if not b0 & 0x40:  # wsproto answers it (1007), in its own words
-                        return (yield from self._hand_over(buf, pos, left))
-                    self._at = stop  # inflated already, so it cannot be handed over: wsproto's answer here
-                    yield CloseConnection(CloseReason.INVALID_FRAME_PAYLOAD_DATA, str(exc))
-                    return 0
-            elif b0 & 0x0F == 0x2:
-                message = payload
-            self._at = pos = stop
-            if message is None:
-                if b0 == 0x89:
-                    if self.ws_open and self._admit(False):
-                        self.queue(encode_frame(0xA, payload))
-                elif self._admit(False) and self._keepalive is not None:
-                    self._keepalive.pong(payload)
-            elif self.state is open_:
-                if not raw and type(message) is bytes:
-                    self._server.send_close(
-                        self, CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route"
-                    )
-                elif unlimited or self._admit(True):
-                    yield message
-            left -= 1
-            if left == 0:
-                self.backlogged = pos < end and self.state is not closed
-                return 0
-        if pos >= end or self.state is closed:
-            self._inbox, self._at = b"", 0
-        else:
-            self._at = pos  # a frame still arriving: the rest comes with the next read
-        return left
-
-    def _hand_over(self, buf: bytes, pos: int, left: int) -> Generator[str | bytes, None, int]:
-        """From the frame at ``pos`` on, the stream is wsproto's (``read_frames`` goes on there)."""
-        self._fast = False
-        self._inbox, self._at = b"", 0
-        self._engine().receive_data(buf[pos:])
-        return left
-        yield  # a generator, so that _read_fast can ``yield from`` it
-
-    def _data(self, event: TextMessage | BytesMessage) -> str | bytes | None:
-        """One data frame (or part of one) from wsproto: the whole message once its last fragment came
-        and the rate admits it. A fragment that ends no message costs a token of its own."""
-        assert self.endpoint is not None
-        if isinstance(event, BytesMessage) and self.endpoint.on_raw is None:
-            self._server.send_close(self, CloseReason.UNSUPPORTED_DATA, "binary messages are not allowed on this route")
-            return None
-        if event.frame_finished and not event.message_finished and not self._admit(False):
-            return None
-        if isinstance(event, BytesMessage):
-            self._binary = True
-        if self._parts:
-            self._parts.append(event.data)  # type: ignore[union-attr]
-        else:
-            self._parts = [event.data]
-        if not event.message_finished:
-            return None
-        parts = self._parts
-        self._parts = ()
-        message: str | bytes
-        if self._binary:
-            self._binary = False
-            message = parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
-        else:
-            message = parts[0] if len(parts) == 1 else "".join(parts)  # type: ignore[arg-type]
-        return message if self._admit(True) else None
-
-    def _admit(self, message: bool) -> bool:
+    def admit(self, message: bool) -> bool:
         """The rate limit. Every frame costs a token: each message, and also each ping, pong and
         fragment that ends no message (``message`` False), so a flood of those is closed like one of
         messages. Over the rate a message is dropped with a ``rate_limited`` error (a control frame or
@@ -2000,9 +2021,8 @@ class Connection:
     @property
     def ws_state(self) -> WSState | None:
         """wsproto's state; a WebSocket whose engine is not made yet is open. None: not a WebSocket."""
-        if self._ws is not None:
-            return self._ws.state
-        return WSState.OPEN if self._upgraded else None
+        frames = self.frames
+        return frames.state if frames is not None else None
 
     def send_frame(self, event: Any) -> None:
         """Queue the frame for ``event``: a pong or a ping (encoded here, as wsproto would: control
@@ -2012,7 +2032,7 @@ class Connection:
         elif isinstance(event, Ping):
             self.queue(encode_frame(0x9, event.payload))
         else:
-            self.queue(self._engine().send(event))
+            self.queue(self.frames.send(event))  # type: ignore[union-attr]
 
     def ping(self) -> int:
         """Queue a keepalive ping; returns its number, for ``pong_late``."""
@@ -2029,12 +2049,8 @@ class Connection:
         """The protocol is over: drop the engines and any half-received message."""
         self.state = State.CLOSED
         self.backlogged = False
-        self._ws = None
         self.request = None
-        self._upgraded = False
-        self._deflate = None
-        self._inbox, self._at = b"", 0
-        self._parts = ()
+        self.frames = None
         self._outbox.pending[self] = None
 
     def drop_output(self) -> None:
@@ -3498,6 +3514,7 @@ class Messages:
     """
 
     __slots__ = (
+        "_backends",
         "_cluster",
         "_connections",
         "_contain",
@@ -3519,11 +3536,13 @@ class Messages:
         rooms: Rooms,
         cluster: Cluster,
         handshakes: Handshakes,
+        backends: Mapping[str, bool],
         contain: Callable[[str, Connection | None, Exception], None],
         settle: Callable[[], None],
     ) -> None:
-        """``contain`` ends the connection a contained exception was working for; ``settle`` fails
-        the slow consumers an input produced (both the server's)."""
+        """``backends``: the server's word on each backend (read only here: a message the store cannot
+        keep is refused); ``contain`` ends the connection a contained exception was working for;
+        ``settle`` fails the slow consumers an input produced (both the server's)."""
         self._server = server
         self.config = config = server.config
         self.metrics = server.metrics
@@ -3531,6 +3550,7 @@ class Messages:
         self._rooms = rooms
         self._cluster = cluster
         self._handshakes = handshakes
+        self._backends = backends
         self._contain = contain
         self._settle = settle
         self._effects: list[Effect] = []
@@ -3697,7 +3717,7 @@ class Messages:
                     return None
                 self._ack_one(conn, ack._replace(id=seen[0], ts=seen[1]))
                 return seen[0]
-        if not self._server.available("store"):
+        if not self._backends.get("store", True):
             conn.error("unavailable", "the message store is unreachable: not sent", ref, room if v2 else None)
             return None
         now = self._server.now
@@ -3847,16 +3867,19 @@ class Server:
         self._outbox = Outbox()
         self._presence_dirty = False
         self._backends: dict[str, bool] = {}  # "store"/"broker" -> reachable, as the shell last saw it
-        self.messages = Messages(self, self._rooms, self._cluster, self.handshakes, self._contain, self._settle)
+        self.messages = Messages(
+            self, self._rooms, self._cluster, self.handshakes, self._backends, self._contain, self._settle
+        )
         """Publishing, the broker's deliveries and the store's answers (``Connection`` reaches it)."""
         self._next_id = 1
-        self._now = 0.0
+        self.now = 0.0
+        """The time of the input being handled, as the shell passed it (Unix seconds); only the server sets it."""
 
     # -- the shell's API --------------------------------------------------------
 
     def connect(self, peer: Any, now: float) -> Connection:
         """A new TCP connection: it must send its HTTP request within the handshake timeout."""
-        self._now = now
+        self.now = now
         conn = Connection(self, self._outbox, self._next_id, peer, now)
         self._next_id += 1
         self.connections[conn.id] = conn
@@ -3865,7 +3888,7 @@ class Server:
 
     def receive(self, conn: Connection, data: bytes, now: float) -> None:
         """Feed bytes from the peer (``b""`` when it closed its side). Never raises for peer input."""
-        self._now = now
+        self.now = now
         self.metrics.bytes_in += len(data)
         state = conn.state
         try:
@@ -3884,7 +3907,7 @@ class Server:
         ``Config.frames_per_pass``), the shell stops reading its socket and calls this in a
         later loop pass, after the other connections had their turn; it reads the socket
         again once the connection is no longer ``backlogged``."""
-        self._now = now
+        self.now = now
         try:
             if conn.backlogged:
                 if conn.state is State.HANDSHAKE:
@@ -3898,7 +3921,7 @@ class Server:
     def tick(self, now: float) -> float | None:
         """Run every timer that is due, and drop the handshakes that ran out of time; return when the
         next deadline is (None: none)."""
-        self._now = now
+        self.now = now
         self.handshakes.expire(now)
         timers = self._timers
         while (due := timers.pop_due(now)) is not None:
@@ -3969,11 +3992,6 @@ class Server:
         return deadline
 
     @property
-    def now(self) -> float:
-        """The time of the input being handled, as the shell passed it (Unix seconds)."""
-        return self._now
-
-    @property
     def rooms(self) -> Mapping[str, Room]:
         """The rooms with members (or a presence window still open), by name."""
         return self._rooms.by_name
@@ -4023,7 +4041,7 @@ class Server:
         """
         if node == self.config.node:
             return
-        self._now = now
+        self.now = now
         try:
             self._rooms.heartbeat(node, rooms, now)
         except Exception as exc:  # a malformed heartbeat costs that heartbeat
@@ -4055,7 +4073,7 @@ class Server:
     def join(self, conn: Connection, room: str, presence: bool) -> Room:
         if conn.state is not State.OPEN:
             raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
-        return self._rooms.join(conn, room, presence, self._now)
+        return self._rooms.join(conn, room, presence, self.now)
 
     def broadcast(self, room: str, payload: Mapping[str, Any], exclude: Connection | None = None) -> int:
         """Send one JSON event to every member of ``room`` but ``exclude``; returns the recipients.
@@ -4084,7 +4102,7 @@ class Server:
         return self._rooms.presence(room)
 
     def update_meta(self, conn: Connection, room: str, meta: bytes) -> bool:
-        return self._rooms.update(conn, room, meta, self._now)
+        return self._rooms.update(conn, room, meta, self.now)
 
     def presence_json(self, room: str) -> bytes:
         """``{USER: [META, ...]}`` of ``room`` on every instance, as encoded JSON."""
@@ -4099,7 +4117,7 @@ class Server:
         room's presence, so a storm of joins must not make one each)."""
         if not self._presence_dirty:
             self._presence_dirty = True
-            self._timers.schedule(self._now + self.config.presence_window, TimerKind.ANNOUNCE, None)
+            self._timers.schedule(self.now + self.config.presence_window, TimerKind.ANNOUNCE, None)
 
     # -- the WebSocket opens ----
 
@@ -4110,7 +4128,7 @@ class Server:
         if upgrade.expires is not None:
             self.handshakes.schedule_expiry(conn, upgrade.expires)
         if cfg.ping_interval > 0:
-            self._timers.schedule(self._now + cfg.ping_interval, TimerKind.PING, conn.id)
+            self._timers.schedule(self.now + cfg.ping_interval, TimerKind.PING, conn.id)
         endpoint = upgrade.endpoint
         if endpoint.on_open is not None:
             self._call(conn, endpoint.on_open, conn)
@@ -4209,7 +4227,7 @@ class Server:
         if conn.ws_open:
             conn.send_frame(CloseConnection(code, reason))
         conn.state = State.CLOSING
-        self._timers.schedule(self._now + self.config.close_timeout, TimerKind.CLOSE, conn.id)
+        self._timers.schedule(self.now + self.config.close_timeout, TimerKind.CLOSE, conn.id)
         self._end(conn, code, reason)
 
     def fail(self, conn: Connection, code: int, reason: str = "") -> None:
@@ -4236,7 +4254,7 @@ class Server:
         its route's ``on_close`` runs, once."""
         conn.close_code, conn.close_reason = code, reason
         self.open_count -= 1
-        self._rooms.leave_all(conn, self._now)
+        self._rooms.leave_all(conn, self.now)
         endpoint = conn.endpoint
         if endpoint is not None and endpoint.on_close is not None:
             self._call(conn, endpoint.on_close, conn)

@@ -34,12 +34,14 @@ def run(data: bytes, cuts: list[int], fast: bool) -> tuple[list[bytes], int | No
     conn = server.connect(peer=("10.0.0.1", 4000), now=now)
     output = b""
     steps = []
+    reader = None  # its FrameReader, kept: the connection drops it when it closes
     points = sorted({min(c, len(data)) for c in cuts})
     for start, end in zip([0, *points], [*points, len(data)], strict=True):
         if end <= start:
             continue
         now += 0.001
         server.receive(conn, data[start:end], now)
+        reader = reader or conn.frames
         while conn.backlogged:
             server.resume(conn, now)
         server.pending()
@@ -49,7 +51,7 @@ def run(data: bytes, cuts: list[int], fast: bool) -> tuple[list[bytes], int | No
     server.pending()
     output += conn.data_to_send()
     steps.append(output)
-    return steps, conn.close_code, conn._ws is not None
+    return steps, conn.close_code, reader is not None and reader._ws is not None
 
 
 def frames_of(output: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:

@@ -59,7 +59,7 @@ def test_deflate_bomb_is_stopped_without_inflating_it() -> None:
     echo = hub.join("/echo", deflate=True)
     bomb = deflate_bomb(256 * 1024 * 1024)  # ~256 KiB on the wire
     assert len(bomb) < 300_000
-    extension = echo.conn._deflate  # the permessage-deflate extension both receive paths share
+    extension = echo.conn.frames._deflate  # the permessage-deflate extension both receive paths share
     frame = masked_frame(bomb, rsv1=True)
     for i in range(0, len(frame), 65536):
         if echo.conn.closed:

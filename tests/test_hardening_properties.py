@@ -58,12 +58,14 @@ def feed(data: bytes, cuts: list[int]) -> Run:
 
 def measure(conn: core.Connection, run: Run, piece: int) -> None:
     """Take the connection's buffer sizes after it received a piece of ``piece`` bytes."""
-    if conn._http is not None:
-        run.request_buffer = max(run.request_buffer, len(conn._http._receive_buffer))
-    if conn._ws is not None:
-        beyond = len(conn._ws._proto._frame_decoder.buffer) - piece
+    request, frames = conn.request, conn.frames
+    if request is not None and request._http is not None:
+        run.request_buffer = max(run.request_buffer, len(request._http._receive_buffer))
+    if frames is not None and frames._ws is not None:
+        beyond = len(frames._ws._proto._frame_decoder.buffer) - piece
         run.frame_buffer_beyond_piece = max(run.frame_buffer_beyond_piece, beyond)
-    run.message_parts = max(run.message_parts, sum(len(part) for part in conn._parts))
+    if frames is not None:
+        run.message_parts = max(run.message_parts, sum(len(part) for part in frames._parts))
     run.outbound.append(conn.outbound_size)
 
 
