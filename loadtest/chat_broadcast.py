@@ -5,8 +5,8 @@ Phases:
 1. Everyone connects (users are spawned at ``-r`` per second; each connects in its task).
 2. When spawning completes, everyone waits ``--settle`` seconds for the last handshakes.
 3. The first ``--senders`` members of every room send one message each ``--send-interval``
-   seconds, on an absolute schedule (slot k at start + offset + k * interval, never
-   "sleep after send", so a slow pass does not stretch the run; overdue slots are sent
+   seconds, on an absolute schedule (``_schedule``: slot k at start + offset + k * interval,
+   never "sleep after send", so a slow pass does not stretch the run; overdue slots are sent
    at once, those over 1 s overdue are skipped). A slot served more than
    ``--late-after-ms`` (100) late counts as late; more than 1% late makes the run invalid.
 4. Sending stops ``--drain`` seconds before ``--run-time`` ends, so every delivery in
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import random
 import time
@@ -34,18 +33,10 @@ from typing import Any
 
 import _metrics
 import gevent
-import gevent.event
 from _metrics import ROW_BROADCAST
+from _schedule import IDLE_POLL, Pace, Schedule
 from _ws import WebSocketUser
 from locust import constant, events, task
-from locust.runners import MasterRunner, WorkerRunner
-
-log = logging.getLogger("hubbub.loadtest")
-
-MSG_SCHEDULE = "hubbub_schedule"
-MSG_STOP_SENDING = "hubbub_stop_sending"
-MAX_CATCH_UP = 1.0  # seconds: overdue slots are sent at once (catching up), unless this far behind
-IDLE_POLL = 1.0  # seconds a task sleeps when it has nothing to do (bounds how late a reconnect starts)
 
 
 @events.init_command_line_parser.add_listener
@@ -61,23 +52,6 @@ def _options(parser: Any) -> None:
                        help="seconds between the end of spawning and the first send")
     group.add_argument("--drain", type=float, default=5.0, env_var="LOCUST_DRAIN",
                        help="seconds before the end of --run-time when sending stops")
-
-
-class Plan:
-    """When this process's senders send: set by the master's schedule message (time.monotonic())."""
-
-    start_at: float | None = None
-    stop_at: float | None = None
-    known = gevent.event.Event()  # set once the schedule arrived
-
-    @classmethod
-    def reset(cls) -> None:
-        cls.start_at = cls.stop_at = None
-        cls.known.clear()
-
-    @classmethod
-    def sending(cls, now: float) -> bool:
-        return cls.start_at is not None and cls.start_at <= now and (cls.stop_at is None or now < cls.stop_at)
 
 
 class Room:
@@ -116,7 +90,6 @@ class ChatUser(WebSocketUser):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.room_size = max(1, options.room_size)
-        self.interval = options.send_interval
         if not Members.tag:
             Members.reset()
         number = next(Members.numbers)
@@ -131,7 +104,7 @@ class ChatUser(WebSocketUser):
         self.seq = 0
         self.last_seen: dict[str, int] = {}  # sender name -> newest seq delivered here
         self.acks: dict[int, float] = {}  # ref -> send time, for the ack row
-        self.next_slot: float | None = None
+        self.pace = Pace(options.send_interval)
         _metrics.counters.chat_users += 1
 
     def ws_path(self) -> str:
@@ -141,41 +114,12 @@ class ChatUser(WebSocketUser):
     def chat(self) -> None:
         if not self.ensure_connected():
             return
-        now = time.monotonic()
         if not self.sender:
             gevent.sleep(IDLE_POLL)
             return
-        if Plan.start_at is None:
-            Plan.known.wait(IDLE_POLL)
+        if not schedule.due(self.pace, lambda: self.ws is not None, self.environment):
             return
-        if not Plan.sending(now):
-            gevent.sleep(min(IDLE_POLL, max(0.0, Plan.start_at - now)) if Plan.start_at > now else IDLE_POLL)
-            return
-        if self.next_slot is None:
-            self.next_slot = Plan.start_at + random.uniform(0, self.interval)
-        wait = self.next_slot - now
-        if Plan.stop_at is not None and self.next_slot >= Plan.stop_at:
-            gevent.sleep(min(IDLE_POLL, max(0.0, Plan.stop_at - now)))
-            return
-        if wait > 0:
-            gevent.sleep(min(wait, IDLE_POLL))
-            if wait > IDLE_POLL:
-                return  # check the connection and the plan again before the slot
-        now = time.monotonic()
-        if self.ws is None or not Plan.sending(now):
-            return
-        late = now - self.next_slot
         counters = _metrics.counters
-        counters.scheduled += 1
-        if late > MAX_CATCH_UP:  # a stall: skip the slots more than MAX_CATCH_UP behind, counting them late
-            missed = int((late - MAX_CATCH_UP) // self.interval) + 1
-            counters.scheduled += missed
-            counters.late += missed
-            self.next_slot += missed * self.interval
-            late -= missed * self.interval
-        if late > _metrics.late_after(self.environment):
-            counters.late += 1
-        self.next_slot += self.interval
         self.seq += 1
         sent_at = time.monotonic()
         expected = self.room.present(sent_at, self)
@@ -222,84 +166,10 @@ class ChatUser(WebSocketUser):
         self.last_seen.clear()
 
 
-# -- the phases: decided by the master (or the only process), applied by every process --
-
-_run_started: float | None = None  # deciding process: when the test started (when --run-time began)
-_scheduled = False  # deciding process: the schedule went out
-_environment: list[Any] = []
-
-
-@events.init.add_listener
-def _register(environment: Any, **_: Any) -> None:
-    _environment[:] = [environment]
-    runner = environment.runner
-    if runner is not None and not isinstance(runner, MasterRunner):
-        runner.register_message(MSG_SCHEDULE, _apply_schedule)
-        runner.register_message(MSG_STOP_SENDING, _apply_stop)
-
-
-def _apply_schedule(environment: Any, msg: Any, **_: Any) -> None:
-    now = time.monotonic()
-    Plan.start_at = now + msg.data["start_in"]
-    Plan.stop_at = None if msg.data["stop_in"] is None else now + msg.data["stop_in"]
-    Plan.known.set()
-    log.debug("sending from +%.1fs to %s", msg.data["start_in"], msg.data["stop_in"])
-
-
-def _apply_stop(environment: Any, msg: Any, **_: Any) -> None:
-    now = time.monotonic()
-    if Plan.stop_at is None or Plan.stop_at > now:
-        Plan.stop_at = now
-
-
-def _deciding(environment: Any) -> bool:
-    return environment.runner is not None and not isinstance(environment.runner, WorkerRunner)
-
-
-@events.test_start.add_listener
-def _on_test_start(environment: Any, **_: Any) -> None:
-    global _run_started, _scheduled
-    Plan.reset()
-    Members.reset()
-    _run_started = time.monotonic()
-    _scheduled = False
-
-
-@events.spawning_complete.add_listener
-def _on_spawned(user_count: int, **_: Any) -> None:
-    global _scheduled
-    environment = _environment[0] if _environment else None
-    if environment is None or not _deciding(environment):
-        return
-    options = environment.parsed_options
-    now = time.monotonic()
-    run_time = getattr(options, "run_time", None)
-    stop_in = None
-    if run_time and _run_started is not None:
-        stop_in = _run_started + run_time - options.drain - now
-    log.info(
-        "spawning complete: sending starts in %.1fs, stops %s",
-        options.settle, f"in {stop_in:.1f}s" if stop_in is not None else "when the test stops (then a drain)",
-    )
-    _scheduled = True
-    _metrics.window["start"] = now + options.settle
-    if stop_in is not None:
-        _metrics.window["stop"] = now + stop_in
-    environment.runner.send_message(MSG_SCHEDULE, {"start_in": options.settle, "stop_in": stop_in})
-
-
-@events.test_stopping.add_listener
-def _on_stopping(environment: Any, **_: Any) -> None:
-    """Stopped before the planned end (no --run-time, or stopped by hand): stop sending, then drain."""
-    if not _deciding(environment) or not _scheduled:
-        return
-    now = time.monotonic()
-    run_time = getattr(environment.parsed_options, "run_time", None)
-    planned_stop = _run_started + run_time - environment.parsed_options.drain if run_time and _run_started else None
-    if planned_stop is not None and now >= planned_stop:
-        return
-    _metrics.window["stop"] = now
-    environment.runner.send_message(MSG_STOP_SENDING, {})
-    log.info("stopping: no more sends, draining for %.1fs", environment.parsed_options.drain)
-    gevent.sleep(environment.parsed_options.drain)
-
+schedule = Schedule(
+    "hubbub",
+    settle=lambda environment: environment.parsed_options.settle,
+    drain=lambda environment: environment.parsed_options.drain,
+    on_test_start=Members.reset,
+    drains=lambda: True,  # the suite's window: it ends the run
+)

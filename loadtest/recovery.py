@@ -108,15 +108,15 @@ def _options(parser: Any) -> None:
 
 
 class _Plan:
-    """chat_broadcast.py's schedule (``Plan``: sending from --settle after spawning until --drain before the
-    end), looked up when the test runs: Locust executes every file of ``-f loadtest`` itself, so importing
+    """chat_broadcast.py's schedule (``schedule``: sending from --settle after spawning until --drain before
+    the end), looked up when the test runs: Locust executes every file of ``-f loadtest`` itself, so importing
     chat_broadcast here could make it a second module whose options would be registered twice."""
 
     def __getattr__(self, name: str) -> Any:
         module = sys.modules.get("chat_broadcast")
         if module is None:
             raise RuntimeError("RecoveringUser runs with the suite: locust -f loadtest ... RecoveringUser")
-        return getattr(module.Plan, name)
+        return getattr(module.schedule, name)
 
 
 Plan: Any = _Plan()

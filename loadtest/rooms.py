@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import random
 import sys
@@ -34,18 +33,11 @@ from typing import Any
 
 import _metrics
 import gevent
-import gevent.event
 from _metrics import ROW_BROADCAST
+from _schedule import IDLE_POLL, Pace, Schedule
 from _ws import WebSocketUser
 from locust import constant, events, task
-from locust.runners import MasterRunner, WorkerRunner
 
-log = logging.getLogger("hubbub.loadtest")
-
-MSG_SCHEDULE = "hubbub_rooms_schedule"
-MSG_STOP_SENDING = "hubbub_rooms_stop_sending"
-MAX_CATCH_UP = 1.0  # seconds: overdue slots are sent at once (catching up), unless this far behind
-IDLE_POLL = 1.0  # seconds a task sleeps when it has nothing to do
 # chat_broadcast's options (defined there), with its defaults for a run without that file
 DEFAULTS = {"room_size": 100, "senders": 1, "send_interval": 0.25, "settle": 2.0, "drain": 5.0}
 
@@ -72,23 +64,6 @@ def _options(parser: Any) -> None:
     group = parser.add_argument_group("hubbub rooms (RoomsUser)")
     group.add_argument("--rooms-per-user", type=int, default=5, env_var="LOCUST_ROOMS_PER_USER",
                        help="rooms each RoomsUser joins on its one /ws socket")
-
-
-class Plan:
-    """When this process's RoomsUsers send: set by the master's schedule message (time.monotonic())."""
-
-    start_at: float | None = None
-    stop_at: float | None = None
-    known = gevent.event.Event()
-
-    @classmethod
-    def reset(cls) -> None:
-        cls.start_at = cls.stop_at = None
-        cls.known.clear()
-
-    @classmethod
-    def sending(cls, now: float) -> bool:
-        return cls.start_at is not None and cls.start_at <= now and (cls.stop_at is None or now < cls.stop_at)
 
 
 class Room:
@@ -134,7 +109,6 @@ class RoomsUser(WebSocketUser):
         env = self.environment
         per_user = max(1, int(getattr(env.parsed_options, "rooms_per_user", 5) or 5))
         room_size = max(1, int(option(env, "room_size")))
-        self.interval = float(option(env, "send_interval"))
         if not Groups.tag:
             Groups.reset()
         number = next(Groups.numbers)
@@ -155,7 +129,7 @@ class RoomsUser(WebSocketUser):
         self.joined_at: dict[str, float] = {}  # room -> time.monotonic() when its joined reply arrived
         self.last_seen: dict[tuple[str, str], int] = {}  # (room, sender) -> newest seq delivered here
         self.acks: dict[int, float] = {}  # ref -> send time, for the ack row
-        self.next_slot: float | None = None
+        self.pace = Pace(float(option(env, "send_interval")))
         _metrics.counters.chat_users += 1  # "users that joined a room": the verdict's "nothing sent" check
 
     def ws_path(self) -> str:
@@ -171,41 +145,12 @@ class RoomsUser(WebSocketUser):
     def publish(self) -> None:
         if not self.ensure_connected():
             return
-        now = time.monotonic()
         if not self.sender:
             gevent.sleep(IDLE_POLL)
             return
-        if Plan.start_at is None:
-            Plan.known.wait(IDLE_POLL)
+        if not schedule.due(self.pace, lambda: self.ws is not None, self.environment):
             return
-        if not Plan.sending(now):
-            gevent.sleep(min(IDLE_POLL, max(0.0, Plan.start_at - now)) if Plan.start_at > now else IDLE_POLL)
-            return
-        if self.next_slot is None:
-            self.next_slot = Plan.start_at + random.uniform(0, self.interval)
-        wait = self.next_slot - now
-        if Plan.stop_at is not None and self.next_slot >= Plan.stop_at:
-            gevent.sleep(min(IDLE_POLL, max(0.0, Plan.stop_at - now)))
-            return
-        if wait > 0:
-            gevent.sleep(min(wait, IDLE_POLL))
-            if wait > IDLE_POLL:
-                return
-        now = time.monotonic()
-        if self.ws is None or not Plan.sending(now):
-            return
-        late = now - self.next_slot
         counters = _metrics.counters
-        counters.scheduled += 1
-        if late > MAX_CATCH_UP:
-            missed = int((late - MAX_CATCH_UP) // self.interval) + 1
-            counters.scheduled += missed
-            counters.late += missed
-            self.next_slot += missed * self.interval
-            late -= missed * self.interval
-        if late > _metrics.late_after(self.environment):
-            counters.late += 1
-        self.next_slot += self.interval
         joined = [room for room in self.order if room.name in self.joined_at]
         if not joined:
             return
@@ -269,78 +214,11 @@ class RoomsUser(WebSocketUser):
         self.joined_at.clear()
 
 
-# -- the phases: decided by the master (or the only process), applied by every process (as chat_broadcast) --
-
-_run_started: float | None = None
-_scheduled = False
-_environment: list[Any] = []
-
-
-@events.init.add_listener
-def _register(environment: Any, **_: Any) -> None:
-    _environment[:] = [environment]
-    runner = environment.runner
-    if runner is not None and not isinstance(runner, MasterRunner):
-        runner.register_message(MSG_SCHEDULE, _apply_schedule)
-        runner.register_message(MSG_STOP_SENDING, _apply_stop)
-
-
-def _apply_schedule(environment: Any, msg: Any, **_: Any) -> None:
-    now = time.monotonic()
-    Plan.start_at = now + msg.data["start_in"]
-    Plan.stop_at = None if msg.data["stop_in"] is None else now + msg.data["stop_in"]
-    Plan.known.set()
-
-
-def _apply_stop(environment: Any, msg: Any, **_: Any) -> None:
-    now = time.monotonic()
-    if Plan.stop_at is None or Plan.stop_at > now:
-        Plan.stop_at = now
-
-
-def _deciding(environment: Any) -> bool:
-    return environment.runner is not None and not isinstance(environment.runner, WorkerRunner)
-
-
-@events.test_start.add_listener
-def _on_test_start(environment: Any, **_: Any) -> None:
-    global _run_started, _scheduled
-    Plan.reset()
-    Groups.reset()
-    _run_started = time.monotonic()
-    _scheduled = False
-
-
-@events.spawning_complete.add_listener
-def _on_spawned(user_count: int, **_: Any) -> None:
-    global _scheduled
-    environment = _environment[0] if _environment else None
-    if environment is None or not _deciding(environment):
-        return
-    settle, drain = float(option(environment, "settle")), float(option(environment, "drain"))
-    now = time.monotonic()
-    run_time = getattr(environment.parsed_options, "run_time", None)
-    stop_in = _run_started + run_time - drain - now if run_time and _run_started is not None else None
-    _scheduled = True
-    # the same window as chat_broadcast's (which sets it too when it is loaded): one clock, one phase plan
-    _metrics.window["start"] = now + settle
-    if stop_in is not None:
-        _metrics.window["stop"] = now + stop_in
-    environment.runner.send_message(MSG_SCHEDULE, {"start_in": settle, "stop_in": stop_in})
-
-
-@events.test_stopping.add_listener
-def _on_stopping(environment: Any, **_: Any) -> None:
-    """Stopped before the planned end: stop sending (chat_broadcast's own listener drains, when it is loaded)."""
-    if not _deciding(environment) or not _scheduled:
-        return
-    now = time.monotonic()
-    run_time = getattr(environment.parsed_options, "run_time", None)
-    drain = float(option(environment, "drain"))
-    planned_stop = _run_started + run_time - drain if run_time and _run_started else None
-    if planned_stop is not None and now >= planned_stop:
-        return
-    environment.runner.send_message(MSG_STOP_SENDING, {})
-    if "chat_broadcast" not in sys.modules:  # else its listener sets the window's end and drains
-        _metrics.window["stop"] = now
-        gevent.sleep(drain)
+schedule = Schedule(
+    "hubbub_rooms",
+    settle=lambda environment: float(option(environment, "settle")),
+    drain=lambda environment: float(option(environment, "drain")),
+    on_test_start=Groups.reset,
+    # chat_broadcast's schedule ends the run's window when it is loaded too (it opens the same one)
+    drains=lambda: "chat_broadcast" not in sys.modules,
+)
