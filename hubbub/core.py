@@ -1694,16 +1694,20 @@ class FrameReader:
 class Connection:
     """One client, from its first byte to its close.
 
-    It owns the connection's protocol state (its ``RequestReader`` until it opens, then the receive
-    fast path's buffer or wsproto's engine and the fragments of a message still arriving), its
-    output queue and how full it is, its rate bucket and keepalive, and who it is (``user``,
-    ``params``, ``query``, ``claims``). The server drives it through the methods under "for the
-    server" (and ``Handshakes`` its ``request``); nothing else touches its insides.
+    It owns who it is (``user``, ``params``, ``query``, ``claims``), its output queue and how full
+    it is, its rate bucket and keepalive; its protocol state is its ``request`` (a
+    ``RequestReader``) until it opens, then its ``frames`` (a ``FrameReader``). The server drives
+    it through the methods under "for the server" (``Handshakes`` its ``request``); nothing else
+    touches its insides.
 
     **The handlers' API** (a handler needs nothing else, and is not handed the ``Server``): read
     ``id``, ``user``, ``params``, ``query``, ``claims``, ``peer``, ``now``, ``config``; act with
-    ``send``, ``reply``, ``send_message``, ``error``, ``join``, ``broadcast``, ``emit``, ``close``;
-    ask ``new_id()``, ``available(backend)``, ``presence(room)``.
+    ``send``, ``reply``, ``reply_raw``, ``send_message``, ``error``, ``close``, ``emit``; rooms
+    with ``join``, ``broadcast`` (v1), ``enter``, ``leave``, ``update_meta``, ``publish`` (v2);
+    ask ``new_id()``, ``available(backend)``, ``presence(room)``, ``presence_json(room)``,
+    ``in_room(room)``, ``joining()``, ``repeat(room, user, key)``; tokens and the server API with
+    ``verify``, ``renew``, ``disconnect``. It hands each on to the server part that owns it
+    (``Rooms`` through the server, ``Messages``, ``Handshakes``).
 
     **The shell's API**: ``data_to_send()``, ``closed``, ``backlogged``, ``peer``, ``id``, and the
     ``shell`` slot for the shell's own object (its transport or socket link).
