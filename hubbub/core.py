@@ -1511,6 +1511,18 @@ class Connection:
         if self.state is _OPEN:
             self.queue(self._frame(payload))
 
+    def send_many(self, payloads: Iterable[Mapping[str, Any]]) -> None:
+        """Send JSON events to this connection, in order, as one write (a store batch's acks). One that
+        cannot be encoded raises, after those before it were queued."""
+        if self.state is _OPEN:
+            frames: list[bytes] = []
+            try:
+                for payload in payloads:
+                    frames.append(self._frame(payload))
+            finally:
+                if frames:
+                    self.queue(frames[0] if len(frames) == 1 else b"".join(frames))
+
     def reply(self, payload: Mapping[str, Any]) -> None:
         """Send one JSON event this connection asked for (a history page, a presence list).
 
@@ -3413,6 +3425,13 @@ class Handshakes:
         self._closed(conn)
 
 
+def _ack_events(acks: Iterable[Ack]) -> list[dict[str, Any]]:
+    """The ``ack`` events of these acks (none for an ack without a ref): ``/ws``'s carry the ``ts``."""
+    return [{"event": "ack", "ref": ref, "id": message_id} if ts is None else
+            {"event": "ack", "ref": ref, "id": message_id, "ts": ts}
+            for _, ref, message_id, ts, _ in acks if ref is not None]
+
+
 class IdClock:
     """Message ids: unique and time-ordered, milliseconds then a sequence within the millisecond,
     then this instance's node tag (so instances never collide)."""
@@ -3668,19 +3687,44 @@ class Server:
 
     def ack(self, acks: Iterable[Ack]) -> None:
         """The store committed these messages: tell each sender that is still connected (and the
-        repeats of a keyed one that waited for it)."""
+        repeats of a keyed one that waited for it). A sender's acks in a row go out as one write."""
         connections = self.connections
         keys = self._keys
+        run: list[Ack] = []  # the acks in a row of one connection, not sent yet (``_ack_run``)
         for ack in acks:
-            conn = connections.get(ack.conn_id)
-            if conn is not None:
-                self._ack_one(conn, ack)
+            if run and run[0].conn_id != ack.conn_id:
+                self._ack_run(run)
+                run = []
+            run.append(ack)
             if keys.waiting:
-                for waiter in keys.stored(ack.id, ack.ts):
+                waiters = keys.stored(ack.id, ack.ts)
+                if waiters:
+                    self._ack_run(run)
+                    run = []
+                for waiter in waiters:
                     conn = connections.get(waiter.conn_id)
                     if conn is not None:
                         self._ack_one(conn, waiter._replace(id=ack.id, ts=ack.ts))
+        self._ack_run(run)
         self._settle()
+
+    def _ack_run(self, run: list[Ack]) -> None:
+        """Acks in a row for one connection (a pipelining sender's store batch is all its own): a
+        WebSocket's are queued as one write, each encoded on its own, so one that cannot be costs that
+        connection only what ``_ack_one`` would (those before it are sent, then it is closed 1011)."""
+        if not run:
+            return
+        conn = self.connections.get(run[0].conn_id)
+        if conn is None:
+            return
+        if len(run) == 1 or conn.state is not _OPEN:
+            for ack in run:
+                self._ack_one(conn, ack)
+            return
+        try:
+            conn.send_many(_ack_events(run))
+        except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
+            self._contain("ack", conn, exc)
 
     def _ack_one(self, conn: Connection, ack: Ack) -> None:
         """One sender's ack (its HTTP answer for an ``HttpEndpoint``'s publish); nothing without a ref."""
@@ -3690,10 +3734,8 @@ class Server:
         try:
             if conn.state is _HANDSHAKE:  # an HttpEndpoint's publish
                 self._handshakes.answer(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
-            elif ts is None:
-                conn.send({"event": "ack", "ref": ref, "id": message_id})
             else:
-                conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
+                conn.send_many(_ack_events((ack,)))
         except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
             self._contain("ack", conn, exc)
 
