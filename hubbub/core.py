@@ -449,8 +449,10 @@ class OutboundMessage:
         n = len(payload)  # encode_frame, inline: one of these is made per message
         if n < 126:
             self.plain = bytes((0x80 | opcode, n)) + payload
+        elif n < 65536:
+            self.plain = _pack_short(0x80 | opcode, 126, n) + payload
         else:
-            self.plain = encode_frame(opcode, payload)
+            self.plain = _pack_long(0x80 | opcode, 127, n) + payload
         self._deflated: dict[int, bytes] | None = None  # made for the first recipient that deflates
         self._min_size = min_compress
         self._level = level
@@ -2535,11 +2537,12 @@ class Room:
                 if conn not in detached:
                     self.detach(conn)
         for bits in self.groups:
+            frame = message.plain if bits is None else message.frame_for(bits)  # most groups: no deflate
             frames = batch.get(bits)
             if frames is None:
-                batch[bits] = [message.frame_for(bits)]
+                batch[bits] = [frame]
             else:
-                frames.append(message.frame_for(bits))
+                frames.append(frame)
         for member in detached:
             if member not in excluded:
                 member.append(message.frame_for(member.deflate_bits))
