@@ -1855,6 +1855,7 @@ class Connection:
         closed, open_ = State.CLOSED, State.OPEN
         raw = self.endpoint is not None and self.endpoint.on_raw is not None
         unlimited = self._config.rate_limit <= 0
+        unmask = self._server.unmask
         while True:
             if pos + 2 > end or self.state is closed:
                 break
@@ -1893,7 +1894,7 @@ class Connection:
                     # not UTF-8, or binary on a JSON route (wsproto fails those at once, as the RFC asks).
                     return (yield from self._hand_over(buf, pos, left))
                 break
-            payload = _unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
+            payload = unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
             if b0 & 0x40:  # compressed, on a deflate connection
                 inflated = deflate.inflate_message(payload)  # type: ignore[union-attr]
                 if isinstance(inflated, CloseReason):  # as wsproto reports an extension's refusal
@@ -3491,11 +3492,16 @@ class Server:
         http_routes: Mapping[str, HttpRoute] | None = None,
         verifier: Verifier | None = None,
         fast_path: bool = True,
+        unmask: Callable[[bytes, bytes], bytes] | None = None,
     ) -> None:
         """``verifier`` turns on token authentication: every WebSocket handshake must carry a token
         (``?token=`` or ``Authorization: Bearer``) it accepts, and its ``sub`` claim is the user.
-        ``fast_path`` False reads every frame through wsproto (the receive fast path's reference)."""
+        ``fast_path`` False reads every frame through wsproto (the receive fast path's reference).
+        ``unmask(payload, key)`` XORs a client frame's payload with its 4-byte mask key on the fast path
+        (None: the core's own integer XOR; the shell passes websockets' C ``apply_mask``, which does it
+        in a quarter of the instructions, ``hubbub.server.UNMASK``)."""
         self.fast_path = fast_path
+        self.unmask = unmask or _unmask
         self.router = router
         self.config = config = config or Config()
         self.connections: dict[int, Connection] = {}
