@@ -15,7 +15,8 @@ every message) and the output is taken as the shell takes it.
 
 Variants:
 
-- ``receive-orjson``: as ``hubbub`` runs (orjson, the receive fast path).
+- ``receive-orjson``: as ``hubbub`` runs (orjson, the receive fast path unmasking with websockets' C
+  ``apply_mask``).
 - ``receive-json``: the standard library's json instead (the core's default codec).
 - ``receive-wsproto``: orjson, every frame through wsproto (``Server(fast_path=False)``).
 - ``handshake``: one upgrade and its close per pass (the unit is a handshake).
@@ -61,12 +62,12 @@ def run_inner(variant: str, passes: int) -> int:
     from hubbub.backends.broker import MemoryBroker
     from hubbub.backends.store import MemoryStore
     from hubbub.handlers import build_router
-    from hubbub.server import ORJSON, Backends
+    from hubbub.server import ORJSON, UNMASK, Backends
 
     config = core.Config(rate_limit=0, ping_interval=0, max_connections_per_address=0)
     if variant != "receive-json":
         config = dataclasses.replace(config, codec=ORJSON)
-    server = core.Server(build_router(config), config, fast_path=variant != "receive-wsproto")
+    server = core.Server(build_router(config), config, fast_path=variant != "receive-wsproto", unmask=UNMASK)
     done = 0
 
     async def main() -> None:

@@ -451,8 +451,10 @@ class OutboundMessage:
         n = len(payload)  # encode_frame, inline: one of these is made per message
         if n < 126:
             self.plain = bytes((0x80 | opcode, n)) + payload
+        elif n < 65536:
+            self.plain = _pack_short(0x80 | opcode, 126, n) + payload
         else:
-            self.plain = encode_frame(opcode, payload)
+            self.plain = _pack_long(0x80 | opcode, 127, n) + payload
         self._deflated: dict[int, bytes] | None = None  # made for the first recipient that deflates
         self._min_size = min_compress
         self._level = level
@@ -1283,6 +1285,12 @@ class State(enum.Enum):
     CLOSED = "closed"  # done: the shell writes what is queued, then closes the socket
 
 
+# The states as plain module constants, for the per-message path: on Python 3.11 reading a member off
+# its Enum class (``State.OPEN``) runs the enum's Python-level descriptor, about 900 instructions.
+_OPEN = State.OPEN
+_HANDSHAKE = State.HANDSHAKE
+
+
 class RateBucket:
     """One connection's token bucket: ``rate`` tokens a second, a burst of one second's worth."""
 
@@ -1480,10 +1488,14 @@ class FrameReader:
     fragments of a message still arriving. Its connection drives it (``feed``, ``read``) and hands
     itself in for what the frames do to it: the rate limit, pongs, the close of a bad route."""
 
-    __slots__ = ("_at", "_binary", "_deflate", "_fast", "_inbox", "_limit", "_parts", "_ws")
+    __slots__ = ("_at", "_binary", "_deflate", "_fast", "_inbox", "_limit", "_parts", "_unmask", "_ws")
 
-    def __init__(self, deflate: BoundedDeflate | None, limit: int, fast: bool) -> None:
+    def __init__(
+        self, deflate: BoundedDeflate | None, limit: int, fast: bool, unmask: Callable[[bytes, bytes], bytes]
+    ) -> None:
+        """``unmask(payload, key)``: the fast path's unmasking (``Server``'s ``unmask``)."""
         self._ws: WSConnection | None = None  # wsproto, made when first needed (see ``_engine``)
+        self._unmask = unmask
         self._deflate = deflate  # permessage-deflate, if agreed
         self._limit = limit  # bytes per message
         self._fast = fast  # the receive fast path reads the stream (until its first odd frame)
@@ -1573,6 +1585,7 @@ class FrameReader:
         closed, open_ = State.CLOSED, State.OPEN
         raw = conn.endpoint is not None and conn.endpoint.on_raw is not None
         unlimited = conn.config.rate_limit <= 0
+        unmask = self._unmask
         while True:
             if pos + 2 > end or conn.state is closed:
                 break
@@ -1611,7 +1624,7 @@ class FrameReader:
                     # not UTF-8, or binary on a JSON route (wsproto fails those at once, as the RFC asks).
                     return (yield from self._hand_over(buf, pos, left))
                 break
-            payload = _unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
+            payload = unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
             if b0 & 0x40:  # compressed, on a deflate connection
                 inflated = deflate.inflate_message(payload)  # type: ignore[union-attr]
                 if isinstance(inflated, CloseReason):  # as wsproto reports an extension's refusal
@@ -1811,8 +1824,20 @@ class Connection:
 
     def send(self, payload: Mapping[str, Any]) -> None:
         """Send one JSON event to this connection."""
-        if self.state is State.OPEN:
+        if self.state is _OPEN:
             self.queue(self._frame(payload))
+
+    def send_many(self, payloads: Iterable[Mapping[str, Any]]) -> None:
+        """Send JSON events to this connection, in order, as one write (a store batch's acks). One that
+        cannot be encoded raises, after those before it were queued."""
+        if self.state is _OPEN:
+            frames: list[bytes] = []
+            try:
+                for payload in payloads:
+                    frames.append(self._frame(payload))
+            finally:
+                if frames:
+                    self.queue(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def reply(self, payload: Mapping[str, Any]) -> None:
         """Send one JSON event this connection asked for (a history page, a presence list).
@@ -1975,7 +2000,8 @@ class Connection:
         self.queue(upgrade.response)
         self.status = 101
         self.request = None
-        self.frames = FrameReader(upgrade.deflate, upgrade.max_message_size, self._server.fast_path)
+        server = self._server
+        self.frames = FrameReader(upgrade.deflate, upgrade.max_message_size, server.fast_path, server.unmask)
         self.state = State.OPEN  # the trailing bytes are fed to its frames by the server
 
     def answer(self, status: int, response: bytes) -> None:
@@ -2556,11 +2582,12 @@ class Room:
                 if conn not in detached:
                     self.detach(conn)
         for bits in self.groups:
+            frame = message.plain if bits is None else message.frame_for(bits)  # most groups: no deflate
             frames = batch.get(bits)
             if frames is None:
-                batch[bits] = [message.frame_for(bits)]
+                batch[bits] = [frame]
             else:
-                frames.append(message.frame_for(bits))
+                frames.append(frame)
         for member in detached:
             if member not in excluded:
                 member.append(message.frame_for(member.deflate_bits))
@@ -3483,6 +3510,13 @@ class Handshakes:
         self._closed(conn)
 
 
+def _ack_events(acks: Iterable[Ack]) -> list[dict[str, Any]]:
+    """The ``ack`` events of these acks (none for an ack without a ref): ``/ws``'s carry the ``ts``."""
+    return [{"event": "ack", "ref": ref, "id": message_id} if ts is None else
+            {"event": "ack", "ref": ref, "id": message_id, "ts": ts}
+            for _, ref, message_id, ts, _ in acks if ref is not None]
+
+
 class IdClock:
     """Message ids: unique and time-ordered, milliseconds then a sequence within the millisecond,
     then this instance's node tag (so instances never collide)."""
@@ -3500,9 +3534,11 @@ class IdClock:
         if ms > self._ms:
             self._ms, self._seq = ms, 0
             self._prefix = f"{ms:012x}"  # once per millisecond, not per message
-        else:
-            self._seq += 1
-        return f"{self._prefix}{self._seq:06x}{self._node}"
+            return f"{self._prefix}000000{self._node}"
+        seq = self._seq = self._seq + 1
+        if seq < 0x1000000:  # six hex digits, zero-padded: hex() with a 1 bit above them, cut off, costs
+            return f"{self._prefix}{hex(seq | 0x1000000)[3:]}{self._node}"  # half of a format spec's f"{seq:06x}"
+        return f"{self._prefix}{seq:x}{self._node}"
 
 
 class Messages:
@@ -3615,19 +3651,44 @@ class Messages:
 
     def ack(self, acks: Iterable[Ack]) -> None:
         """The store committed these messages: tell each sender that is still connected (and the
-        repeats of a keyed one that waited for it)."""
+        repeats of a keyed one that waited for it). A sender's acks in a row go out as one write."""
         connections = self._connections
         keys = self._keys
+        run: list[Ack] = []  # the acks in a row of one connection, not sent yet (``_ack_run``)
         for ack in acks:
-            conn = connections.get(ack.conn_id)
-            if conn is not None:
-                self._ack_one(conn, ack)
+            if run and run[0].conn_id != ack.conn_id:
+                self._ack_run(run)
+                run = []
+            run.append(ack)
             if keys.waiting:
-                for waiter in keys.stored(ack.id, ack.ts):
+                waiters = keys.stored(ack.id, ack.ts)
+                if waiters:
+                    self._ack_run(run)
+                    run = []
+                for waiter in waiters:
                     conn = connections.get(waiter.conn_id)
                     if conn is not None:
                         self._ack_one(conn, waiter._replace(id=ack.id, ts=ack.ts))
+        self._ack_run(run)
         self._settle()
+
+    def _ack_run(self, run: list[Ack]) -> None:
+        """Acks in a row for one connection (a pipelining sender's store batch is all its own): a
+        WebSocket's are queued as one write, each encoded on its own, so one that cannot be costs that
+        connection only what ``_ack_one`` would (those before it are sent, then it is closed 1011)."""
+        if not run:
+            return
+        conn = self._connections.get(run[0].conn_id)
+        if conn is None:
+            return
+        if len(run) == 1 or conn.state is not _OPEN:
+            for ack in run:
+                self._ack_one(conn, ack)
+            return
+        try:
+            conn.send_many(_ack_events(run))
+        except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
+            self._contain("ack", conn, exc)
 
     def _ack_one(self, conn: Connection, ack: Ack) -> None:
         """One sender's ack (its HTTP answer for an ``HttpEndpoint``'s publish); nothing without a ref."""
@@ -3635,12 +3696,10 @@ class Messages:
         if ref is None:
             return
         try:
-            if conn.state is State.HANDSHAKE:  # an HttpEndpoint's publish
+            if conn.state is _HANDSHAKE:  # an HttpEndpoint's publish
                 self._handshakes.answer(conn, 200, self.config.codec.dumps({"id": message_id, "ts": ts}))
-            elif ts is None:
-                conn.send({"event": "ack", "ref": ref, "id": message_id})
             else:
-                conn.send({"event": "ack", "ref": ref, "id": message_id, "ts": ts})
+                conn.send_many(_ack_events((ack,)))
         except Exception as exc:  # one sender's ack must not cost the rest of the batch theirs
             self._contain("ack", conn, exc)
 
@@ -3852,11 +3911,16 @@ class Server:
         http_routes: Mapping[str, HttpRoute] | None = None,
         verifier: Verifier | None = None,
         fast_path: bool = True,
+        unmask: Callable[[bytes, bytes], bytes] | None = None,
     ) -> None:
         """``verifier`` turns on token authentication: every WebSocket handshake must carry a token
         (``?token=`` or ``Authorization: Bearer``) it accepts, and its ``sub`` claim is the user.
-        ``fast_path`` False reads every frame through wsproto (the receive fast path's reference)."""
+        ``fast_path`` False reads every frame through wsproto (the receive fast path's reference).
+        ``unmask(payload, key)`` XORs a client frame's payload with its 4-byte mask key on the fast path
+        (None: the core's own integer XOR; the shell passes websockets' C ``apply_mask``, which does it
+        in a quarter of the instructions, ``hubbub.server.UNMASK``)."""
         self.fast_path = fast_path
+        self.unmask = unmask or _unmask
         self.router = router
         self.config = config = config or Config()
         self.connections: dict[int, Connection] = {}
@@ -4156,7 +4220,7 @@ class Server:
         for item in conn.read_frames(budget):
             if type(item) is CloseConnection:  # not isinstance: wsproto's events are ABCs, slow to test
                 self._on_close_frame(conn, item)
-            elif conn.state is State.OPEN:
+            elif conn.state is _OPEN:
                 self._on_message(conn, item)
 
     def _on_close_frame(self, conn: Connection, event: CloseConnection) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import zlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hubbub import core
 from hubbub.handlers import build_router
+from hubbub.server import UNMASK
 from tests.hub import upgrade_request
 from tests.wire import frame
 
@@ -136,6 +138,16 @@ def test_both_paths_give_the_same_bytes_and_close_code(target: str, stream: list
 def test_both_paths_agree_on_compressed_streams(target: str, stream: bytes, cuts: list[int]) -> None:
     data = upgrade_request(target, Sec_WebSocket_Extensions=OFFER) + stream
     assert_same(run(data, cuts, fast=True), run(data, cuts, fast=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=3000), key=st.binary(min_size=4, max_size=4))
+def test_the_shells_c_unmasker_gives_what_the_cores_xor_gives(payload: bytes, key: bytes) -> None:
+    """The shell runs the fast path with websockets' C ``apply_mask`` (``Server(unmask=...)``); it unmasks
+    every payload as the core's own XOR does, so the properties above hold for the server as it runs."""
+    if UNMASK is None:
+        pytest.skip("websockets was built without its C speedup here: the shell runs the core's own XOR")
+    assert UNMASK(payload, key) == core._unmask(payload, key)
 
 
 def test_the_common_frames_never_wake_wsproto() -> None:
