@@ -4234,7 +4234,12 @@ class Server:
         elif state is WSState.CLOSED:  # the peer answered our close
             self._closed(conn)
         elif conn.state is State.OPEN:  # wsproto found a protocol violation (1002, 1007, 1009): fail it
-            self.fail(conn, event.code, event.reason)
+            reason = event.reason
+            if event.code == CloseReason.INVALID_FRAME_PAYLOAD_DATA:
+                # the decoder's words name the bad byte's position in the piece it was reading, which is
+                # where the reads happened to cut the stream: the same stream must get the same close
+                reason = "invalid UTF-8 in a text message"
+            self.fail(conn, event.code, reason)
         else:  # a violation while we wait for the peer's close: its parser has stopped, so fail it now
             self._closed(conn)
 
