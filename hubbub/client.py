@@ -78,6 +78,8 @@ HISTORY_PAGE = 100
 """Messages asked for per ``history`` page while catching up (the server's default ``--history-max``)."""
 SEEN_IDS = 10_000
 """Ids remembered per room to drop duplicates (delivered and self-published ones)."""
+MAX_MESSAGE_SIZE = 64 * 1024
+"""The server's default ``--max-message-size``: a frame over it would be closed 1009, which ends the client."""
 REWIND = 100
 """Catching up through ``history``, the client pages from the smallest of the last ``REWIND`` ids it
 delivered rather than from the last one: until every instance sequences each room (PROTOCOL.md
@@ -407,8 +409,12 @@ class Hub:
 
     def __init__(self, url: str, token: TokenSource = None, *, user: str | None = None,
                  backoff: Backoff | None = None, open_timeout: float = 10.0,
-                 **websocket_options: Any) -> None:
+                 max_message_size: int = MAX_MESSAGE_SIZE, **websocket_options: Any) -> None:
         self.url = _ws_url(url, user)
+        self.max_message_size = max_message_size
+        """Bytes per frame this client sends at most (the server's ``--max-message-size``): a bigger
+        request is refused here with ``HubbubError("bad_field")``, never sent, since the server would
+        close the connection (1009) and the client with it."""
         parts = urlsplit(self.url)
         self._where = f"{parts.scheme}://{parts.netloc}{parts.path}"  # for logs: never the query (a ?token=)
         self.token = token
@@ -501,6 +507,7 @@ class Hub:
             raise self._closed
         ref = next(self._refs)
         frame = {**frame, "ref": ref}
+        self._check_size(frame)
         request = _Request(frame, asyncio.get_running_loop().create_future(), resend)
         self._requests[ref] = request
         try:
@@ -525,7 +532,15 @@ class Hub:
             except ConnectionClosed:
                 pass  # the runner notices and reconnects
 
+    def _check_size(self, frame: dict[str, Any]) -> None:
+        """Refuse a frame the server would close the connection for (1009, which ends the client)."""
+        size = len(json.dumps(frame))  # ASCII (non-ASCII characters escaped): its length is its bytes
+        if size > self.max_message_size:
+            raise HubbubError("bad_field", f"the {frame.get('event')} would be {size} bytes, over the "
+                                           f"{self.max_message_size} the server takes: not sent", frame.get("room"))
+
     async def _send(self, frame: dict[str, Any]) -> None:
+        self._check_size(frame)
         ws = self._ws
         if ws is None:
             return
@@ -714,15 +729,18 @@ def _ws_url(url: str, user: str | None) -> str:
 
 @contextlib.asynccontextmanager
 async def connect(url: str, token: TokenSource = None, *, user: str | None = None, backoff: Backoff | None = None,
-                  open_timeout: float = 10.0, **websocket_options: Any) -> AsyncIterator[Hub]:
+                  open_timeout: float = 10.0, max_message_size: int = MAX_MESSAGE_SIZE,
+                  **websocket_options: Any) -> AsyncIterator[Hub]:
     """``async with connect("ws://host:port", token=...) as hub``: a ``Hub`` on ``/ws``.
 
     ``token``: a JWT (sent as ``Authorization: Bearer``), or a sync or async callable returning one,
     called at every connect and when the server says ``token_expiring`` (then sent as ``refresh``).
     ``user``: ``?user=NAME`` for a server without JWT. ``backoff``: the reconnection policy.
+    ``max_message_size``: the server's ``--max-message-size`` (a bigger publish raises ``HubbubError``).
     Other keyword arguments go to ``websockets.asyncio.client.connect`` (``ssl=``, ...).
     The first connection is made before the block starts and raises if it fails."""
-    hub = Hub(url, token, user=user, backoff=backoff, open_timeout=open_timeout, **websocket_options)
+    hub = Hub(url, token, user=user, backoff=backoff, open_timeout=open_timeout,
+              max_message_size=max_message_size, **websocket_options)
     await hub.open()
     try:
         yield hub

@@ -393,16 +393,22 @@ def test_a_token_function_is_asked_again_before_expiry_and_on_reconnect(browser:
         h.context.close()
 
 
-def test_node_imports_the_module_and_publishes() -> None:
-    """Node runs the module as it is: Node 22+ has a global WebSocket, Node 20 behind
-    --experimental-websocket (the `WebSocket` option takes any other implementation, e.g. `ws`)."""
+def _node() -> tuple[str, list[str]]:
+    """Node and the flags it needs for a global WebSocket (Node 20: --experimental-websocket); a skip
+    without Node, a failure in CI."""
     node = shutil.which("node")
     if node is None:
         if os.environ.get("CI"):
             pytest.fail("node is not installed")
         pytest.skip("node is not installed")
     builtin = subprocess.run([node, "-p", "typeof WebSocket"], capture_output=True, text=True, timeout=30)
-    flags = [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
+    return node, [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
+
+
+def test_node_imports_the_module_and_publishes() -> None:
+    """Node runs the module as it is: Node 22+ has a global WebSocket, Node 20 behind
+    --experimental-websocket (the `WebSocket` option takes any other implementation, e.g. `ws`)."""
+    node, flags = _node()
     script = """
 const { connect } = await import(process.argv[1]);
 const timer = setTimeout(() => { console.error("gave up after 20 s"); process.exit(2); }, 20000);
@@ -447,6 +453,50 @@ listener.close();
     assert out["after"] == {"listener": [{}]}
 
 
+NODE_TOO_BIG = """
+const { connect } = await import(process.argv[1]);
+const timer = setTimeout(() => { console.error("gave up after 20 s"); process.exit(2); }, 20000);
+const states = [];
+const errors = [];
+const hub = connect(process.argv[2], {
+  params: { user: "node" }, maxMessageSize: 4096,
+  onStatus: (s) => states.push(s.state), onError: (e) => errors.push(e.code),
+});
+const room = hub.join("big");
+await room.ready;
+let refused = null;
+try {
+  await room.publish("\u00e9".repeat(3000));  // 3,000 characters, 6,000 bytes of UTF-8: over 4,096
+} catch (e) {
+  refused = { code: e.code, room: e.room };
+}
+room.updateMeta({ bio: "x".repeat(5000) });   // no Promise: reported through onError
+const ack = await room.publish("\u00e9".repeat(1000));  // 2,000 bytes: sent on the same socket
+const { messages } = await room.history({ limit: 5 });
+console.log(JSON.stringify({ refused, errors, states, ack, stored: messages.map((m) => m.data.length) }));
+clearTimeout(timer);
+hub.close();
+"""
+
+
+def test_a_request_over_the_servers_message_size_is_refused_before_it_is_sent() -> None:
+    """The server closes a socket (1009) for a frame over --max-message-size, and the client would send
+    it again on every reconnect: it is refused in the client instead, and the socket stays."""
+    node, flags = _node()
+    with spawn_server("--max-message-size", "4096", "--rate-limit", "0") as server:
+        done = subprocess.run(
+            [node, *flags, "--no-warnings", "--input-type=module", "-e", NODE_TOO_BIG, MODULE.as_uri(),
+             server.url + "/ws"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["refused"] == {"code": "bad_field", "room": "big"}
+    assert out["errors"] == ["bad_field"]
+    assert out["states"] == ["connecting", "connected"] and isinstance(out["ack"]["id"], str)  # never reconnected
+    assert out["stored"] == [1000]
+
+
 NODE_RECOVERY = """
 const { connect } = await import(process.argv[1]);
 const timer = setTimeout(() => {
@@ -483,13 +533,7 @@ def test_the_client_against_a_server_that_recovers_and_one_that_cannot() -> None
     message until then, and drops what it already delivered."""
     from websockets.sync.server import serve
 
-    node = shutil.which("node")
-    if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is not installed")
-        pytest.skip("node is not installed")
-    builtin = subprocess.run([node, "-p", "typeof WebSocket"], capture_output=True, text=True, timeout=30)
-    flags = [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
+    node, flags = _node()
     got: list[tuple[int, dict[str, Any]]] = []  # (connection number, frame) of every frame the client sent
     count = [0]
 
@@ -562,13 +606,7 @@ def test_a_socket_that_never_opens_is_given_up_and_tried_again() -> None:
     """A server that takes the TCP connection and never answers the handshake (a dead network
     looks the same): after ``connectTimeout`` the client gives the socket up and tries again. Its
     ``onStatus`` may name the client (the first status comes after ``connect()`` returned)."""
-    node = shutil.which("node")
-    if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is not installed")
-        pytest.skip("node is not installed")
-    builtin = subprocess.run([node, "-p", "typeof WebSocket"], capture_output=True, text=True, timeout=30)
-    flags = [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
+    node, flags = _node()
     script = """
 const { connect } = await import(process.argv[1]);
 const states = [];
@@ -654,13 +692,7 @@ def test_a_reconnect_in_many_rooms_stays_under_the_servers_rate_limit(tmp_path: 
     """60 rooms on one socket: the rejoins and their history pages (today's server does not
     recover) are more frames than the server's --rate-limit burst (100); the client paces them,
     so none is refused and the socket is not closed with 1008."""
-    node = shutil.which("node")
-    if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is not installed")
-        pytest.skip("node is not installed")
-    builtin = subprocess.run([node, "-p", "typeof WebSocket"], capture_output=True, text=True, timeout=30)
-    flags = [] if builtin.stdout.strip() == "function" else ["--experimental-websocket"]
+    node, flags = _node()
     rooms = 60
     store = f"sqlite:///{tmp_path}/hubbub.db"
     lines: queue.Queue[str] = queue.Queue()

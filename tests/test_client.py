@@ -176,6 +176,26 @@ def test_errors_not_joined_forbidden_bad_room() -> None:
         run(scenario(server))
 
 
+def test_a_publish_over_the_servers_message_size_is_refused_here_and_the_connection_stays() -> None:
+    """The server would close the socket (1009) for a frame over its --max-message-size, and the client
+    would have to end (sending it again would be refused again): the client refuses it before sending."""
+    async def scenario(server: RunningServer) -> None:
+        async with connect(server.url, user="dave", max_message_size=4096) as dave:
+            room = await dave.join("big")
+            with pytest.raises(HubbubError) as error:
+                await room.publish("x" * 5000)
+            assert (error.value.code, error.value.room) == ("bad_field", "big")
+            with pytest.raises(HubbubError):
+                await room.update_presence({"bio": "y" * 5000})
+            ack = await room.publish("x" * 3000)  # under the limit: sent, stored, acked on the same socket
+            assert isinstance(ack.id, str) and dave.connected and dave.reconnects == 0
+            history = await room.history()
+            assert [m.data for m in history] == ["x" * 3000]
+
+    with spawn_server("--max-message-size", "4096", "--rate-limit", "0") as server:
+        run(scenario(server))
+
+
 def test_disconnected_through_the_api_ends_the_iterator_and_does_not_come_back() -> None:
     async def scenario(server: RunningServer) -> None:
         api = Client(server.http, KEY)

@@ -81,6 +81,9 @@ export class HubbubError extends Error {
  *   a reconnect that rejoins 100 rooms and pages their history must not be refused; 0: no pacing
  * @property {number} [connectTimeout=10000] milliseconds a socket may take to open before it is
  *   given up and the next attempt is scheduled (a SYN into a dead network can hang for minutes)
+ * @property {number} [maxMessageSize=65536] bytes per frame this client sends at most: the server's
+ *   `--max-message-size`. A bigger request is refused here (`bad_field`), never sent: the server would
+ *   close the socket (1009), and sending it again after the reconnect would close the next one too
  * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global one)
  */
 
@@ -134,6 +137,7 @@ function randomKey() {
 }
 
 const sameMeta = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+const utf8 = new TextEncoder();
 
 /** Call one of the application's callbacks; if it throws, the error is reported as uncaught (in
  * the console, or Node's handler), but after the client's own work: one bad onMessage must not
@@ -394,10 +398,21 @@ export class Client {
 
   _send(entry) {
     const ref = ++this._ref;
+    const text = JSON.stringify({ ...entry.frame, ref });
+    const limit = this.options.maxMessageSize === undefined ? 65536 : this.options.maxMessageSize;
+    // UTF-8 takes at most 3 bytes per UTF-16 unit: only a long text is worth encoding to measure
+    const size = text.length * 3 <= limit ? 0 : utf8.encode(text).length;
+    if (size > limit) {
+      const { event, room } = entry.frame;
+      const error = new HubbubError("bad_field", `the ${event} would be ${size} bytes, over the ${limit} the server takes: not sent`, { room });
+      if (entry.fail) entry.fail(error);
+      else this._report(error);
+      return;
+    }
     entry.ref = ref;
     entry.tries = (entry.tries || 0) + 1;
     if (entry.reply) this._pending.set(ref, entry);
-    this._ws.send(JSON.stringify({ ...entry.frame, ref }));
+    this._ws.send(text);
   }
 
   _receive(data) {
