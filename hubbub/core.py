@@ -749,7 +749,10 @@ def route_event(
     if not isinstance(event, dict):
         return EventError("not_object", "expected a JSON object")
     ref = event.get("ref") if endpoint.refs else None
-    if isinstance(ref, bool) or not isinstance(ref, (str, int, float)):
+    # None, an int or a str (bool is neither) decide without the isinstance checks: nearly every ref
+    if ref is not None and type(ref) not in (int, str) and (
+        isinstance(ref, bool) or not isinstance(ref, (str, int, float))
+    ):
         ref = None
     name = event.get("event")
     if not isinstance(name, str):
