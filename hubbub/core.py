@@ -3454,8 +3454,8 @@ class IdClock:
         self._seq = 0
         self._prefix = ""
 
-    def next(self, now: float) -> str:
-        ms = int(now * 1000)
+    def next(self, ms: int) -> str:
+        """The id of a message at ``ms`` (Unix time in milliseconds: the caller has it for the ``ts`` too)."""
         if ms > self._ms:
             self._ms, self._seq = ms, 0
             self._prefix = f"{ms:012x}"  # once per millisecond, not per message
@@ -3902,8 +3902,9 @@ class Server:
             conn.error("unavailable", "the message store is unreachable: not sent", ref, room if v2 else None)
             return None
         now = self._now
-        message["id"] = message_id = self._ids.next(now)
-        message["ts"] = ts = int(now * 1000)
+        ts = int(now * 1000)
+        message["id"] = message_id = self._ids.next(ts)
+        message["ts"] = ts
         config = self.config
         body = config.codec.dumps(message)
         if v2 and len(body) > config.max_message_size:
@@ -4002,7 +4003,7 @@ class Server:
 
     def new_id(self) -> str:
         """A unique, time-ordered message id (``IdClock``)."""
-        return self._ids.next(self._now)
+        return self._ids.next(int(self._now * 1000))
 
     def disconnect(self, user: str, room: str | None = None, everywhere: bool = True) -> int:
         """Remove ``user``'s connections here, and (``everywhere``) tell the other instances to: with
