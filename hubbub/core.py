@@ -1525,8 +1525,15 @@ class Connection:
         if self.state is _OPEN:
             frames: list[bytes] = []
             try:
-                for payload in payloads:
-                    frames.append(self._frame(payload))
+                if self.deflate_bits is None:  # ``_frame`` of a connection that never deflates, without a call each
+                    dumps = self._config.codec.dumps
+                    for payload in payloads:
+                        body = dumps(payload)
+                        n = len(body)
+                        frames.append(bytes((0x81, n)) + body if n < 126 else encode_frame(_TEXT, body))
+                else:
+                    for payload in payloads:
+                        frames.append(self._frame(payload))
             finally:
                 if frames:
                     self.queue(frames[0] if len(frames) == 1 else b"".join(frames))
