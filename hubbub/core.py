@@ -2171,17 +2171,15 @@ class PublishKeys:
     (or told ``unavailable`` with it). Keys of other instances' messages come with them from the
     broker (``known``)."""
 
-    __slots__ = ("_entries", "_limit", "_waiting")
+    __slots__ = ("_entries", "_limit", "_waiting", "waiting")
 
     def __init__(self, limit: int) -> None:
         self._entries: dict[tuple[str, Any, str], tuple[str, Any] | list[Ack]] = {}
         self._waiting: dict[str, tuple[str, Any, str]] = {}  # message id -> its key, until stored or lost
         self._limit = limit
-
-    @property
-    def waiting(self) -> bool:
-        """Some keyed message is still being stored."""
-        return bool(self._waiting)
+        self.waiting = False
+        """Some keyed message is still being stored (``_waiting`` is not empty): read for every ack, so a
+        plain attribute, not a property."""
 
     def lookup(self, key: tuple[str, Any, str]) -> tuple[str, Any] | list[Ack] | None:
         return self._entries.get(key)
@@ -2189,6 +2187,7 @@ class PublishKeys:
     def storing(self, key: tuple[str, Any, str], message_id: str) -> None:
         self._entries[key] = []
         self._waiting[message_id] = key
+        self.waiting = True
         self._trim()
 
     def known(self, key: tuple[str, Any, str], message_id: str, ts: Any) -> None:
@@ -2200,6 +2199,7 @@ class PublishKeys:
         key = self._waiting.pop(message_id, None) if self._waiting else None
         if key is None:
             return []
+        self.waiting = bool(self._waiting)
         waiters = self._entries.get(key)
         self._entries[key] = (message_id, ts)
         return waiters if isinstance(waiters, list) else []
@@ -2209,6 +2209,7 @@ class PublishKeys:
         key = self._waiting.pop(message_id, None) if self._waiting else None
         if key is None:
             return []
+        self.waiting = bool(self._waiting)
         waiters = self._entries.pop(key, None)
         return waiters if isinstance(waiters, list) else []
 
