@@ -751,7 +751,10 @@ def route_event(
     if not isinstance(event, dict):
         return EventError("not_object", "expected a JSON object")
     ref = event.get("ref") if endpoint.refs else None
-    if isinstance(ref, bool) or not isinstance(ref, (str, int, float)):
+    # None, an int or a str (bool is neither) decide without the isinstance checks: nearly every ref
+    if ref is not None and type(ref) not in (int, str) and (
+        isinstance(ref, bool) or not isinstance(ref, (str, int, float))
+    ):
         ref = None
     name = event.get("event")
     if not isinstance(name, str):
@@ -1285,10 +1288,13 @@ class State(enum.Enum):
     CLOSED = "closed"  # done: the shell writes what is queued, then closes the socket
 
 
-# The states as plain module constants, for the per-message path: on Python 3.11 reading a member off
-# its Enum class (``State.OPEN``) runs the enum's Python-level descriptor, about 900 instructions.
-_OPEN = State.OPEN
+# The states as plain module constants, for the per-message and per-connection paths: on Python 3.11
+# reading a member off its Enum class (``State.OPEN``) goes through EnumType's ``__getattr__`` hook, which
+# the interpreter cannot specialise: about 800 instructions each, against 50 for a global.
 _HANDSHAKE = State.HANDSHAKE
+_OPEN = State.OPEN
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
 
 
 class RateBucket:
@@ -1547,10 +1553,10 @@ class FrameReader:
             if self._fast or left == 0:
                 return
         for event in self._engine().events():
-            if conn.state is State.CLOSED:
+            if conn.state is _CLOSED:
                 return
             if isinstance(event, TextMessage) or isinstance(event, BytesMessage):
-                if conn.state is State.OPEN:
+                if conn.state is _OPEN:
                     message = self._data(conn, event)
                     if message is not None:
                         yield message
@@ -1564,7 +1570,7 @@ class FrameReader:
                 yield event
             left -= 1
             if left == 0:
-                conn.backlogged = conn.state is not State.CLOSED
+                conn.backlogged = conn.state is not _CLOSED
                 return
 
     def _read_fast(self, conn: Connection, left: int) -> Generator[str | bytes | CloseConnection, None, int]:
@@ -1582,7 +1588,7 @@ class FrameReader:
         pos = self._at
         limit = self._limit
         deflate = self._deflate
-        closed, open_ = State.CLOSED, State.OPEN
+        closed, open_ = _CLOSED, _OPEN
         raw = conn.endpoint is not None and conn.endpoint.on_raw is not None
         unlimited = conn.config.rate_limit <= 0
         unmask = self._unmask
@@ -1762,7 +1768,7 @@ class Connection:
         self.id = conn_id
         self.peer = peer
         self.address = peer[0] if isinstance(peer, tuple) and peer else peer  # the client's IP address
-        self.state = State.HANDSHAKE
+        self.state = _HANDSHAKE
         self.user = "anonymous"
         self.params: Mapping[str, str] = {}
         self.query: Mapping[str, str] = {}
@@ -1797,7 +1803,7 @@ class Connection:
     @property
     def closed(self) -> bool:
         """True once the shell should close the socket (after writing what is queued)."""
-        return self.state is State.CLOSED
+        return self.state is _CLOSED
 
     def data_to_send(self) -> bytes:
         """Everything queued for this connection, in order; the queue is emptied."""
@@ -1833,8 +1839,15 @@ class Connection:
         if self.state is _OPEN:
             frames: list[bytes] = []
             try:
-                for payload in payloads:
-                    frames.append(self._frame(payload))
+                if self.deflate_bits is None:  # ``_frame`` of a connection that never deflates, without a call each
+                    dumps = self._config.codec.dumps
+                    for payload in payloads:
+                        body = dumps(payload)
+                        n = len(body)
+                        frames.append(bytes((0x81, n)) + body if n < 126 else encode_frame(_TEXT, body))
+                else:
+                    for payload in payloads:
+                        frames.append(self._frame(payload))
             finally:
                 if frames:
                     self.queue(frames[0] if len(frames) == 1 else b"".join(frames))
@@ -1845,7 +1858,7 @@ class Connection:
         Such a reply may be large, and asking for a lot does not make a slow consumer: its
         bytes do not count against ``max_buffer`` (only against ``REPLY_ALLOWANCE`` times it,
         so one that asks again and again without reading is still closed)."""
-        if self.state is State.OPEN:
+        if self.state is _OPEN:
             self.queue_reply(self._frame(payload))
 
     def _frame(self, payload: Mapping[str, Any]) -> bytes:
@@ -1861,7 +1874,7 @@ class Connection:
 
     def send_message(self, message: str | bytes) -> None:
         """Send a text (str) or binary (bytes) message as it is."""
-        if self.state is State.OPEN:
+        if self.state is _OPEN:
             cfg = self._config
             opcode, payload = (_TEXT, message.encode()) if isinstance(message, str) else (_BINARY, bytes(message))
             self.queue(OutboundMessage(opcode, payload, cfg.compression_min_size, cfg.compression_level).frame_for(
@@ -1976,7 +1989,7 @@ class Connection:
     def reply_raw(self, body: bytes) -> None:
         """``reply`` with an event that is already encoded JSON (``body``, UTF-8): a big state spliced
         together from parts encoded once."""
-        if self.state is State.OPEN:
+        if self.state is _OPEN:
             config = self._config
             self.queue_reply(OutboundMessage(
                 _TEXT, body, config.compression_min_size, config.compression_level).frame_for(self.deflate_bits))
@@ -2002,7 +2015,7 @@ class Connection:
         self.request = None
         server = self._server
         self.frames = FrameReader(upgrade.deflate, upgrade.max_message_size, server.fast_path, server.unmask)
-        self.state = State.OPEN  # the trailing bytes are fed to its frames by the server
+        self.state = _OPEN  # the trailing bytes are fed to its frames by the server
 
     def answer(self, status: int, response: bytes) -> None:
         """Answer the HTTP request (a refusal, or a plain HTTP route's answer) and be done."""
@@ -2041,7 +2054,7 @@ class Connection:
             self._server.send_close(self, CloseReason.POLICY_VIOLATION, "rate limit exceeded")
         elif message:
             self.error("rate_limited", f"more than {bucket.rate:g} messages per second; this one was dropped")
-        return not message and self.state is State.OPEN
+        return not message and self.state is _OPEN
 
     @property
     def ws_open(self) -> bool:
@@ -2077,7 +2090,7 @@ class Connection:
 
     def finish(self) -> None:
         """The protocol is over: drop the engines and any half-received message."""
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self.backlogged = False
         self.request = None
         self.frames = None
@@ -2131,7 +2144,7 @@ class Connection:
         limit = self._config.max_buffer
         if self.endpoint is not None and self.endpoint.max_buffer:
             limit = max(limit, self.endpoint.max_buffer)
-        return self.state is State.OPEN and (
+        return self.state is _OPEN and (
             self.outbound_size > limit or self.reply_size > REPLY_ALLOWANCE * limit
         )
 
@@ -2202,17 +2215,15 @@ class PublishKeys:
     (or told ``unavailable`` with it). Keys of other instances' messages come with them from the
     broker (``known``)."""
 
-    __slots__ = ("_entries", "_limit", "_waiting")
+    __slots__ = ("_entries", "_limit", "_waiting", "waiting")
 
     def __init__(self, limit: int) -> None:
         self._entries: dict[tuple[str, Any, str], tuple[str, Any] | list[Ack]] = {}
         self._waiting: dict[str, tuple[str, Any, str]] = {}  # message id -> its key, until stored or lost
         self._limit = limit
-
-    @property
-    def waiting(self) -> bool:
-        """Some keyed message is still being stored."""
-        return bool(self._waiting)
+        self.waiting = False
+        """Some keyed message is still being stored (``_waiting`` is not empty): read for every ack, so a
+        plain attribute, not a property."""
 
     def lookup(self, key: tuple[str, Any, str]) -> tuple[str, Any] | list[Ack] | None:
         return self._entries.get(key)
@@ -2220,6 +2231,7 @@ class PublishKeys:
     def storing(self, key: tuple[str, Any, str], message_id: str) -> None:
         self._entries[key] = []
         self._waiting[message_id] = key
+        self.waiting = True
         self._trim()
 
     def known(self, key: tuple[str, Any, str], message_id: str, ts: Any) -> None:
@@ -2231,6 +2243,7 @@ class PublishKeys:
         key = self._waiting.pop(message_id, None) if self._waiting else None
         if key is None:
             return []
+        self.waiting = bool(self._waiting)
         waiters = self._entries.get(key)
         self._entries[key] = (message_id, ts)
         return waiters if isinstance(waiters, list) else []
@@ -2240,6 +2253,7 @@ class PublishKeys:
         key = self._waiting.pop(message_id, None) if self._waiting else None
         if key is None:
             return []
+        self.waiting = bool(self._waiting)
         waiters = self._entries.pop(key, None)
         return waiters if isinstance(waiters, list) else []
 
@@ -2316,7 +2330,7 @@ class Recoveries:
             return
         del self._waiting[key]
         try:
-            if conn is None or conn.state is not State.OPEN:
+            if conn is None or conn.state is not _OPEN:
                 return
             since, dumps, page = recovery.since, conn.config.codec.dumps, []
             recovery.truncated = messages is not None and len(messages) >= self._limit
@@ -2532,7 +2546,7 @@ class Room:
 
     def remove(self, conn: Connection) -> None:
         """``conn`` is no longer in the room; what was broadcast to it earlier in this pass is its still."""
-        if conn.state is not State.CLOSED:
+        if conn.state is not _CLOSED:
             self.detach_if_batching(conn)
         self.members.pop(conn, None)
         group = self.groups.get(conn.deflate_bits)
@@ -3301,7 +3315,7 @@ class Handshakes:
     def forget(self, conn: Connection) -> None:
         """The connection is about to be CLOSED (called once it is decided, before ``Connection.finish``):
         no deadline any more, and its address has one socket less."""
-        if conn.state is not State.CLOSED:
+        if conn.state is not _CLOSED:
             addresses = self._addresses
             left = addresses.get(conn.address, 1) - 1
             if left > 0:
@@ -3529,8 +3543,8 @@ class IdClock:
         self._seq = 0
         self._prefix = ""
 
-    def next(self, now: float) -> str:
-        ms = int(now * 1000)
+    def next(self, ms: int) -> str:
+        """The id of a message at ``ms`` (Unix time in milliseconds: the caller has it for the ``ts`` too)."""
         if ms > self._ms:
             self._ms, self._seq = ms, 0
             self._prefix = f"{ms:012x}"  # once per millisecond, not per message
@@ -3711,7 +3725,7 @@ class Messages:
             acks += [waiter._replace(id=ack.id) for waiter in self._keys.lost(ack.id)]
         for ack in acks:
             conn = self._connections.get(ack.conn_id)
-            if conn is not None and conn.state is State.HANDSHAKE:
+            if conn is not None and conn.state is _HANDSHAKE:
                 self._handshakes.answer(conn, 503, json_error("unavailable", detail))
             elif conn is not None:
                 error = {"event": "error", "code": "unavailable", "detail": detail, "id": ack.id}
@@ -3738,7 +3752,7 @@ class Messages:
         if conn is not None:
             try:
                 page = history_page(room, messages, self.config.max_buffer)
-                if conn.state is State.HANDSHAKE:  # an HttpEndpoint's request: {"room", "messages"}
+                if conn.state is _HANDSHAKE:  # an HttpEndpoint's request: {"room", "messages"}
                     del page["event"]
                     self._handshakes.answer(conn, 200, self.config.codec.dumps(page))
                     self._settle()
@@ -3757,7 +3771,7 @@ class Messages:
             return
         conn = self._connections.get(conn_id)
         if conn is not None:
-            if conn.state is State.HANDSHAKE:
+            if conn.state is _HANDSHAKE:
                 self._handshakes.answer(conn, 503, json_error("unavailable", detail))
             else:
                 conn.error("unavailable", detail, ref=ref, room=room)
@@ -3783,9 +3797,9 @@ class Messages:
         if not self._backends.get("store", True):
             conn.error("unavailable", "the message store is unreachable: not sent", ref, room if v2 else None)
             return None
-        now = self._server.now
-        message["id"] = message_id = self._ids.next(now)
-        message["ts"] = ts = int(now * 1000)
+        ts = int(self._server.now * 1000)
+        message["id"] = message_id = self._ids.next(ts)
+        message["ts"] = ts
         config = self.config
         body = config.codec.dumps(message)
         if v2 and len(body) > config.max_message_size:
@@ -3805,7 +3819,7 @@ class Messages:
 
     def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any, since: str | None = None) -> None:
         """v2's join (``Rooms.enter``); with ``since``, ``Recoveries.start`` (perhaps a store read first)."""
-        if conn.state is not State.OPEN:
+        if conn.state is not _OPEN:
             raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
         if since is None:
             self._rooms.enter(conn, room, meta, watch, ref, self._server.now)
@@ -3845,7 +3859,7 @@ class Messages:
 
     def new_id(self) -> str:
         """A unique, time-ordered message id (``IdClock``)."""
-        return self._ids.next(self._server.now)
+        return self._ids.next(int(self._server.now * 1000))
 
     def disconnect(self, user: str, room: str | None = None, everywhere: bool = True) -> int:
         """Remove ``user``'s connections here, and (``everywhere``) tell the other instances to: with
@@ -3853,7 +3867,7 @@ class Messages:
         closed; without, every connection of the user is closed with 4001. Returns how many were here."""
         removed = 0
         for conn in list(self._connections.values()):
-            if conn.user != user or conn.state is not State.OPEN:
+            if conn.user != user or conn.state is not _OPEN:
                 continue
             if room is None:
                 self._server.send_close(conn, CLOSE_REMOVED, "disconnected by the server")
@@ -3960,9 +3974,9 @@ class Server:
         self.metrics.bytes_in += len(data)
         state = conn.state
         try:
-            if state is State.OPEN or state is State.CLOSING:
+            if state is _OPEN or state is _CLOSING:
                 self._receive_frames(conn, data)
-            elif state is State.HANDSHAKE:
+            elif state is _HANDSHAKE:
                 self.handshakes.receive(conn, data)
         except Exception as exc:  # our bug, triggered by this peer's input: it costs this connection only
             self._contain("receive", conn, exc)
@@ -3978,7 +3992,7 @@ class Server:
         self.now = now
         try:
             if conn.backlogged:
-                if conn.state is State.HANDSHAKE:
+                if conn.state is _HANDSHAKE:
                     self.handshakes.serve(conn)
                 else:
                     self._process_frames(conn, self.config.frames_per_pass)
@@ -4034,7 +4048,7 @@ class Server:
     def enqueue(self, conn: Connection, data: bytes) -> None:
         """Queue shared bytes the shell could not write now (its socket is full), behind the
         connection's own output; they count against ``max_buffer`` (``pending`` closes it with 1013)."""
-        if conn.state is State.OPEN:
+        if conn.state is _OPEN:
             conn.append(data)
 
     def effects(self) -> list[Effect]:
@@ -4044,9 +4058,9 @@ class Server:
     def close_all(self, code: int = CloseReason.GOING_AWAY, reason: str = "server shutting down") -> None:
         """Queue a close for every client (1001 on shutdown) and drop unfinished handshakes."""
         for conn in list(self.connections.values()):
-            if conn.state is State.OPEN:
+            if conn.state is _OPEN:
                 self.send_close(conn, code, reason)
-            elif conn.state is State.HANDSHAKE:
+            elif conn.state is _HANDSHAKE:
                 self.abort(conn)
         self._settle()
 
@@ -4120,7 +4134,7 @@ class Server:
         """Counts only, never content: what /healthz reports."""
         by_route: dict[str, int] = {}
         for conn in self.connections.values():
-            if conn.state is State.OPEN and conn.endpoint is not None:
+            if conn.state is _OPEN and conn.endpoint is not None:
                 by_route[conn.endpoint.name] = by_route.get(conn.endpoint.name, 0) + 1
         rooms = self._rooms.by_name
         down = sorted(name for name, up in self._backends.items() if not up)
@@ -4139,7 +4153,7 @@ class Server:
     # -- what handlers reach through their connection ----------------------------------
 
     def join(self, conn: Connection, room: str, presence: bool) -> Room:
-        if conn.state is not State.OPEN:
+        if conn.state is not _OPEN:
             raise UsageError(f"cannot join {room!r}: connection {conn.id} is {conn.state.value}")
         return self._rooms.join(conn, room, presence, self.now)
 
@@ -4200,7 +4214,7 @@ class Server:
         endpoint = upgrade.endpoint
         if endpoint.on_open is not None:
             self._call(conn, endpoint.on_open, conn)
-        if trailing and conn.state is State.OPEN:
+        if trailing and conn.state is _OPEN:
             self._receive_frames(conn, trailing)
 
     # -- frames ----------------------------------------------------------------------
@@ -4209,7 +4223,7 @@ class Server:
         if not data:
             if conn.backlogged:  # what the peer sent before it closed still counts
                 self._process_frames(conn, None)
-            if conn.state is not State.CLOSED:
+            if conn.state is not _CLOSED:
                 self.abort(conn)
             return
         conn.feed(data)
@@ -4227,13 +4241,13 @@ class Server:
         state = conn.ws_state
         if state is WSState.REMOTE_CLOSING:  # the peer starts the closing handshake: answer it
             conn.send_frame(CloseConnection(event.code))
-            was_open = conn.state is State.OPEN
+            was_open = conn.state is _OPEN
             self._closed(conn)
             if was_open:
                 self._end(conn, event.code, event.reason)
         elif state is WSState.CLOSED:  # the peer answered our close
             self._closed(conn)
-        elif conn.state is State.OPEN:  # wsproto found a protocol violation (1002, 1007, 1009): fail it
+        elif conn.state is _OPEN:  # wsproto found a protocol violation (1002, 1007, 1009): fail it
             reason = event.reason
             if event.code == CloseReason.INVALID_FRAME_PAYLOAD_DATA:
                 # the decoder's words name the bad byte's position in the piece it was reading, which is
@@ -4283,11 +4297,11 @@ class Server:
         self._count_failure(where, conn, exc)
         if conn is None:
             return
-        if conn.state is State.OPEN:
+        if conn.state is _OPEN:
             self.fail(conn, CloseReason.INTERNAL_ERROR, "internal error")
-        elif conn.state is State.HANDSHAKE:
+        elif conn.state is _HANDSHAKE:
             self.handshakes.refuse(conn, Refuse(500, "internal error"))
-        elif conn.state is State.CLOSING:
+        elif conn.state is _CLOSING:
             self._closed(conn)
 
     # -- closing -----------------------------------------------------------------------
@@ -4295,18 +4309,18 @@ class Server:
     def send_close(self, conn: Connection, code: int, reason: str = "") -> None:
         """Start the closing handshake: our close frame now, the socket once the peer answers
         (or ``close_timeout`` passes)."""
-        if conn.state is not State.OPEN:
+        if conn.state is not _OPEN:
             return
         if conn.ws_open:
             conn.send_frame(CloseConnection(code, reason))
-        conn.state = State.CLOSING
+        conn.state = _CLOSING
         self._timers.schedule(self.now + self.config.close_timeout, TimerKind.CLOSE, conn.id)
         self._end(conn, code, reason)
 
     def fail(self, conn: Connection, code: int, reason: str = "") -> None:
         """Send a close frame and be done with the connection at once (the shell writes what is
         queued, then closes the socket): a protocol violation, a slow consumer, a timeout."""
-        if conn.state is not State.OPEN:
+        if conn.state is not _OPEN:
             return
         if conn.ws_open:
             conn.send_frame(CloseConnection(code, reason))
@@ -4315,8 +4329,8 @@ class Server:
 
     def abort(self, conn: Connection, code: int = CloseReason.ABNORMAL_CLOSURE) -> None:
         """Drop the connection without a word: its socket is gone, or it never finished its handshake."""
-        was_open = conn.state is State.OPEN
-        if conn.state is not State.CLOSED:
+        was_open = conn.state is _OPEN
+        if conn.state is not _CLOSED:
             conn.drop_output()
             self._closed(conn)
         if was_open:
@@ -4375,20 +4389,20 @@ class Server:
         if conn is None:
             return  # closed since: nothing to do
         if kind is TimerKind.CLOSE:
-            if conn.state is State.CLOSING:
+            if conn.state is _CLOSING:
                 self._closed(conn)
         elif kind is TimerKind.PING:
-            if conn.state is State.OPEN and conn.ws_open:
+            if conn.state is _OPEN and conn.ws_open:
                 cfg = self.config
                 number = conn.ping()
                 self._timers.schedule(now + cfg.ping_timeout, TimerKind.PONG_DUE, conn.id, number)
                 self._timers.schedule(now + max(cfg.ping_interval, cfg.ping_timeout), TimerKind.PING, conn.id)
         elif kind is TimerKind.PONG_DUE:
-            if conn.state is State.OPEN and conn.pong_late(seq):
+            if conn.state is _OPEN and conn.pong_late(seq):
                 self.fail(conn, CloseReason.INTERNAL_ERROR, "keepalive ping timeout")
         elif kind is TimerKind.TOKEN_EXPIRY:
-            if conn.state is State.OPEN and seq == conn.token_number:
+            if conn.state is _OPEN and seq == conn.token_number:
                 self.send_close(conn, CloseReason.POLICY_VIOLATION, "token expired")
         elif kind is TimerKind.TOKEN_EXPIRING:
-            if conn.state is State.OPEN and seq == conn.token_number and conn.expires is not None:
+            if conn.state is _OPEN and seq == conn.token_number and conn.expires is not None:
                 conn.send({"event": "token_expiring", "in": max(0, round(conn.expires - now))})

@@ -722,12 +722,13 @@ class Backends:
         stored: list[tuple[str, Any, core.Ack | None]] = []
         publish = None if isinstance(self.broker, MemoryBroker) else self.broker.publish  # nobody else to tell
         presence_changed = False
+        Stored, Publish = core.Stored, core.Publish  # the two of nearly every message: looked up once a pass
         for effect in effects:
             kind = type(effect)
             try:
-                if kind is core.Stored:
+                if kind is Stored:
                     stored.append(effect)  # type: ignore[arg-type]
-                elif kind is core.Publish:
+                elif kind is Publish:
                     if publish is not None:
                         publish(effect.room, effect.message)  # type: ignore[union-attr]
                 elif kind is core.History:

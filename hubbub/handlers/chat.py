@@ -41,7 +41,10 @@ def on_message(conn: Connection, event: dict[str, Any]) -> None:
     if not isinstance(text, str):
         raise EventError("bad_field", '"text" must be a string')
     ref = event.get("ref")
-    if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (str, int, float))):
+    # the common refs pass on their exact type (an int, a str: bool is neither), before the isinstance checks
+    if ref is not None and type(ref) not in (int, str) and (
+        isinstance(ref, bool) or not isinstance(ref, (str, int, float))
+    ):
         raise EventError("bad_field", '"ref" must be a string or a number')
     room = conn.params.get("room", DEFAULT_ROOM)
     # publish adds "id" and "ts", refuses with "unavailable" while the store is down, and acks once stored

@@ -35,7 +35,10 @@ DEFAULT_HISTORY = 50
 def _ref(event: Mapping[str, Any]) -> Any:
     """The request's ``ref``: a string or a number, or absent."""
     ref = event.get("ref")
-    if ref is not None and (isinstance(ref, bool) or not isinstance(ref, (str, int, float))):
+    # the common refs pass on their exact type (an int, a str: bool is neither), before the isinstance checks
+    if ref is not None and type(ref) not in (int, str) and (
+        isinstance(ref, bool) or not isinstance(ref, (str, int, float))
+    ):
         raise EventError("bad_field", '"ref" must be a string or a number')
     return ref
 
