@@ -35,8 +35,9 @@ def two_instances(broker: str, *extra: str) -> Iterator[tuple[RunningServer, Run
 
 
 def member(stack: ExitStack, server: RunningServer, room: str, user: str, **join: Any) -> ClientConnection:
-    """A ``/ws`` client of ``server`` joining ``room`` (closed with ``stack``)."""
-    ws = stack.enter_context(connect(f"{server.url}/ws?user={user}"))
+    """A ``/ws`` client of ``server`` joining ``room`` (closed with ``stack``). Its queue is unbounded: one
+    that stops reading the socket while it sends cannot close quickly."""
+    ws = stack.enter_context(connect(f"{server.url}/ws?user={user}", max_queue=None))
     ws.send(json.dumps({"event": "join", "room": room, "presence": False, **join}))
     return ws
 
@@ -117,6 +118,24 @@ def run_senders(servers: list[RunningServer], room: str, per_sender: int, pause:
     return acks
 
 
+def read_while(watchers: list[ClientConnection], count: int, action: Any, *args: Any) -> tuple[Any, list[Any]]:
+    """Run ``action(*args)`` while every watcher reads its next ``count`` messages (a client that stops
+    reading stops answering pings): (what ``action`` returned, what each watcher read)."""
+    seen: list[list[dict[str, Any]]] = [[] for _ in watchers]
+
+    def read(n: int) -> None:
+        seen[n] = messages(watchers[n], count)
+
+    readers = [threading.Thread(target=read, args=(n,)) for n in range(len(watchers))]
+    for reader in readers:
+        reader.start()
+    result = action(*args)
+    for reader in readers:
+        reader.join(60)
+    assert not any(reader.is_alive() for reader in readers)
+    return result, seen
+
+
 def assert_one_order(seen: list[list[dict[str, Any]]], acks: dict[str, str]) -> None:
     """Every member saw the same messages in the same order, ids strictly increasing, each acked id."""
     first = [(m["id"], m["data"]) for m in seen[0]]
@@ -138,8 +157,7 @@ def test_every_member_on_every_instance_gets_a_room_in_one_order() -> None:
         probe = member(stack, b, room, "probe")
         joined(probe)
         wait_until_both_hear(watchers[0], watchers[2], probe, room, *watchers)
-        acks = run_senders([a, b], room, 100)
-        seen = [messages(ws, 600) for ws in watchers]
+        acks, seen = read_while(watchers, 600, run_senders, [a, b], room, 100)
         assert_one_order(seen, acks)
 
 
@@ -159,8 +177,7 @@ def test_a_member_cut_off_on_one_instance_recovers_exactly_on_the_other() -> Non
         [last] = messages(away, 1)
         messages(stay_a, 1)
         away.close_socket()  # no closing handshake: as a network that went away
-        acks = run_senders([a, b], room, 125, each=2)  # 4 x 125 = 500
-        stayed = [messages(stay_a, 500), messages(stay_b, 500)]
+        acks, stayed = read_while([stay_a, stay_b], 500, run_senders, [a, b], room, 125, 0.0, 2)  # 4 x 125
         assert_one_order(stayed, acks)
         back = member(stack, b, room, "away", since=last["id"])
         reply = joined(back)
@@ -190,9 +207,9 @@ def test_subscribers_cut_mid_stream_still_see_one_order_and_lose_nothing(tmp_pat
             for _ in range(3)
         ])
         cuts.start()
-        acks = run_senders([a, b], room, 60, pause=0.01)  # about 1.2 s of publishing: the cuts fall inside
+        # about 1.2 s of publishing: the cuts fall inside
+        acks, seen = read_while(watchers, 360, run_senders, [a, b], room, 60, 0.01)
         cuts.join()
-        seen = [messages(ws, 360) for ws in watchers]
         assert_one_order(seen, acks)
 
 

@@ -326,6 +326,7 @@ class PubSubBroker:
         self._held: dict[int, dict[str, Any]] = {}  # g -> envelope, waiting behind a gap in the order
         self._held_since: float | None = None
         self._own_delivered = 0  # the last q of ours the sink got back in order
+        self._retry: tuple[int, int] | None = None  # (first q, count) of an ordered batch whose fate is unknown
         self._floor = ""  # the greatest position known here: the broker's next ones must be above it
         self._down_since = time.monotonic()
         self._outage: anyio.Event | None = None  # set when the broker goes down (made in run())
@@ -704,6 +705,11 @@ class PubSubBroker:
             # the queues in q order: what waited during an outage goes out before what came after it
             source = ordered if ordered and (not queue or ordered[0][0] < queue[0][0]) else queue
             taken = self._take(source) if source else []
+            if source is ordered and self._retry is not None and taken[0][0] == self._retry[0]:
+                # the batch whose fate was unknown goes again exactly as it was, so the script knows it
+                keep = self._retry[1]
+                source.extendleft(reversed(taken[keep:]))
+                del taken[keep:]
             batch = [] if source is ordered else self._envelopes(taken)
             presence = self._presence
             if presence is not None:
@@ -719,6 +725,8 @@ class PubSubBroker:
                     await self._send(batch, presence=presence is not None)
             except BaseException:
                 source.extendleft(reversed(taken))  # unsent, or its fate unknown: send again on reconnect
+                if source is ordered:
+                    self._retry = (taken[0][0], len(taken))
                 if taken:
                     self.batches_out -= 1
                     self.messages_out -= len(taken)
@@ -726,6 +734,8 @@ class PubSubBroker:
             self.observe("publish", time.perf_counter() - started)
             if source is queue:
                 sent.extend(taken)
+            else:
+                self._retry = None
             if self._presence is presence:
                 self._presence = None
 
@@ -733,7 +743,7 @@ class PubSubBroker:
         """Have the broker order ``taken`` (one envelope, q consecutive) and publish it in the same step, with
         ``batch`` (a heartbeat) beside it; keep the envelope as published (``_ordered_sent``)."""
         rest = b'"n":%s,"q":%d,"b":[%s]}' % (self._node_json, taken[0][0], b",".join(item for _, item in taken))
-        epoch, g, position = await self._order_and_publish(len(taken), rest, batch, presence)
+        epoch, g, position = await self._order_and_publish(taken[0][0], len(taken), rest, batch, presence)
         self._floor = max(self._floor, _next_position(position, len(taken) - 1))
         self._ordered_sent.append((taken[0][0], taken[-1][0], epoch, g, b'{"g":%d,"e":%d,"i":"%s",%s' % (
             g, epoch, position.encode(), rest)))
@@ -888,10 +898,11 @@ class PubSubBroker:
         sink.on_sequencing(False)
 
     async def _order_and_publish(
-        self, count: int, rest: bytes, batch: list[bytes], presence: bool
+        self, first_q: int, count: int, rest: bytes, batch: list[bytes], presence: bool
     ) -> tuple[int, int, str]:
-        """Order ``count`` messages and publish ``{"g":G,"e":E,"i":POSITION,`` + ``rest`` in one step (and
-        ``batch`` beside it); returns (E, G, POSITION)."""
+        """Order ``count`` messages (numbered from ``first_q``) and publish ``{"g":G,"e":E,"i":POSITION,`` +
+        ``rest`` in one step (and ``batch`` beside it); returns (E, G, POSITION). The same batch again (after a
+        failure whose fate was unknown) gets the first answer back and is not published twice."""
         raise NotImplementedError
 
     # -- for subclasses -----------------------------------------------------------
@@ -913,9 +924,17 @@ _ORDER_SCRIPT = """
 -- One batch of COUNT messages put in the order and published in one atomic step. The order's state is
 -- one hash: its epoch e (the time it was started), the envelopes ordered so far g, and the last position
 -- (ms, seq). The batch's positions follow max(now, last + 1), above FLOOR too (the greatest this
--- instance knows), in one millisecond. Returns {e, g, first position}.
+-- instance knows), in one millisecond. Returns {e, g, first position}. The same batch sent again (its
+-- fate was unknown: the connection broke before the answer) is not ordered twice: the node's last batch
+-- is kept for a minute in KEYS[2] ("first q, count, e, g, position"), and a repeat gets its answer back.
 local key = KEYS[1]
 local count = tonumber(ARGV[2])
+local batch = ARGV[7] .. ':' .. count
+local last = redis.call('GET', KEYS[2])
+if last and string.sub(last, 1, #batch + 1) == batch .. ':' then
+  local e, g, first = string.match(string.sub(last, #batch + 2), '^(%d+):(%d+):(%x+)$')
+  return {e, tonumber(g), first}
+end
 local floor_ms, floor_seq = tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -930,6 +949,7 @@ redis.call('HSET', key, 'e', epoch, 'g', g, 'ms', ms, 'seq', seq + count - 1)
 redis.call('PEXPIRE', key, ARGV[6])
 local first = string.format('%012x%06x', ms, seq)
 redis.call('PUBLISH', ARGV[1], '{"g":' .. g .. ',"e":' .. epoch .. ',"i":"' .. first .. '",' .. ARGV[5])
+redis.call('SET', KEYS[2], batch .. ':' .. epoch .. ':' .. g .. ':' .. first, 'PX', 60000)
 return {epoch, g, first}
 """
 
@@ -949,6 +969,7 @@ class RedisBroker(PubSubBroker):
         self._pubsub: Any = None
         self._node_key = f"{self.channel}:node:{node}"
         self._order_key = f"{self.channel}:order"
+        self._batch_key = f"{self.channel}:order:{node}"  # our last ordered batch, for a repeat of it
         self._script_sha = ""
 
     async def _open(self) -> None:
@@ -1005,18 +1026,18 @@ class RedisBroker(PubSubBroker):
                 pipe.set(self._node_key, batch[-1], px=int(self.presence_ttl * 1000))
 
     async def _order_and_publish(
-        self, count: int, rest: bytes, batch: list[bytes], presence: bool
+        self, first_q: int, count: int, rest: bytes, batch: list[bytes], presence: bool
     ) -> tuple[int, int, str]:
         from redis.exceptions import NoScriptError
 
         floor = self._floor
         args = (self.channel, count, int(floor[:12], 16) if floor else 0, int(floor[12:], 16) if floor else -1,
-                rest, self.order_ttl)
+                rest, self.order_ttl, first_q)
         try:
             for attempt in (1, 2):
                 try:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        pipe.evalsha(self._script_sha, 1, self._order_key, *args)
+                        pipe.evalsha(self._script_sha, 2, self._order_key, self._batch_key, *args)
                         self._publish_into(pipe, batch, presence)
                         epoch, g, position = (await pipe.execute())[0]
                     return int(epoch), int(g), position.decode()
