@@ -58,8 +58,11 @@ decoded, not skipped: it delivers them at their place, and the core stores and a
 receiver delivers ordered envelopes strictly in ``g`` order and each node's items once (its ``q``);
 after a gap in ``g`` (a subscription that dropped) the later envelopes wait while every instance
 replays the missing ones as they were published (a sync request carries ``"g": [EPOCH, G]``; our own
-come from what we sent), for ``gap_timeout`` at most. ``EPOCH`` is when the hash was created: after a
-Redis restart (or a day of silence, ``order_ttl``) ``g`` starts again at 1 in a new epoch.
+come from what we sent), for ``gap_timeout`` at most. A batch whose fate is unknown (the connection broke
+before the script's answer) is sent again exactly as it was, and the script answers a repeat with its
+first answer (each node's last batch is kept a minute) instead of ordering it twice. ``EPOCH`` is when
+the hash was created: after a Redis restart (or a day of silence, ``order_ttl``) ``g`` starts again at 1
+in a new epoch.
 While the broker is down, messages wait to be ordered for ``sequence_grace`` seconds (a dropped
 subscription is back within that, and the order goes on); past it the broker stops ordering
 (``Sink.on_sequencing(False)``): the core delivers, stores and acks what waited and everything after
