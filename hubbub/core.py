@@ -2193,6 +2193,11 @@ class PublishKeys:
         if key is not None:
             self._waiting[new_id] = key
 
+    def superseded(self, message_id: str) -> None:
+        """The message waiting under ``message_id`` will not be stored: its key's original came first (the
+        broker ordered another instance's message with the same key before it); the key stays known."""
+        self._waiting.pop(message_id, None)
+
     def lost(self, message_id: str) -> list[Ack]:
         """The message with this id could not be stored: its key is free again; the repeats that waited."""
         key = self._waiting.pop(message_id, None) if self._waiting else None
@@ -3492,22 +3497,42 @@ class Server:
                     return None
                 _, message, ack = waiting
                 if "key" in message:
+                    first = self._keys.lookup((room, message.get("user"), message["key"]))
+                    if isinstance(first, tuple):  # the same key reached the order first from elsewhere
+                        self._keys.superseded(ack.id)
+                        self._ack_one_safely(ack._replace(id=first[0], ts=first[1] if ack.ts is not None else None))
+                        self._settle()
+                        return None
                     self._keys.renamed(ack.id, message_id)
                 message["id"] = message_id
                 count = self._deliver_own(room, message, ack._replace(id=message_id))
             else:
                 payload["id"] = message_id
                 key = payload.get("key")
+                if isinstance(key, str):
+                    # one order everywhere: the first of a key is kept and a repeat dropped alike on every instance
+                    keyed = (room, payload.get("user"), key)
+                    first = self._keys.lookup(keyed)
+                    if isinstance(first, tuple) and first[0] != message_id:
+                        self.metrics.duplicates += 1
+                        self._settle()
+                        return None
+                    self._keys.known(keyed, message_id, payload.get("ts"))
+                    for waiter in first if isinstance(first, list) else ():  # repeats here waiting for ours, second
+                        self._ack_one_safely(waiter._replace(id=message_id, ts=payload.get("ts")))
                 visible = payload if key is None else {name: value for name, value in payload.items() if name != "key"}
                 count = self._rooms.publish(room, message_id, text_message(visible, self.config), ())
-                if isinstance(key, str):
-                    self._keys.known((room, payload.get("user"), key), message_id, payload.get("ts"))
                 self.metrics.deliveries += count
         except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
             self._contain("deliver", None, exc)
             count = None
         self._settle()
         return count
+
+    def _ack_one_safely(self, ack: Ack) -> None:
+        conn = self.connections.get(ack.conn_id)
+        if conn is not None:
+            self._ack_one(conn, ack)
 
     def _deliver_own(self, room: str, message: dict[str, Any], ack: Ack) -> int:
         """One of our publishes that waited for the broker: to the room but its sender, then to the store."""

@@ -115,3 +115,22 @@ def test_recovery_trusts_the_brokers_order_and_not_an_outages() -> None:
     again.close()
     later = hub.join("/ws?user=alice")
     assert joined(hub, later, "r", since=last["id"])["recovered"] is False
+
+
+def test_a_key_sent_again_to_another_instance_is_kept_once_in_the_order_everywhere() -> None:
+    """A publish re-sent with its key to this instance before the original (from another instance) came
+    through the broker: whichever the broker ordered first is kept, on every instance alike; the other
+    is neither delivered nor stored, and its sender is acked with the first one's id."""
+    hub = ordering_hub()
+    alice, bob = hub.join("/ws?user=alice"), hub.join("/ws?user=bob")
+    joined(hub, alice, "r"), joined(hub, bob, "r")
+    publish(alice, "r", "again", ref=1, key="k")  # alice's first try went to the other instance
+    original = {"event": "message", "room": "r", "user": "alice", "data": "again", "id": "x", "ts": 5, "key": "k"}
+    hub.server.deliver_sequenced("r", original, "bbbb", "000000000001000000")  # ordered first
+    hub.pump()
+    come_back(hub, 2)  # ours, second: a repeat
+    assert [(m["data"], m["id"]) for m in messages(bob)] == [("again", "000000000001000000~")]
+    assert [(e["ref"], e["id"]) for e in alice.json() if e["event"] == "ack"] == [(1, "000000000001000000~")]
+    assert hub.store.history("r", 10) == []  # the other instance stores its own
+    repeat = {**original, "id": "y"}  # and the other instance's copy of ours, ordered second, is dropped too
+    assert hub.server.deliver_sequenced("r", repeat, "bbbb", "000000000003000000") is None
