@@ -89,6 +89,7 @@ __all__ = [
     "Metrics",
     "PresenceChanged",
     "Publish",
+    "PublishOrdered",
     "Refuse",
     "Room",
     "Router",
@@ -269,6 +270,15 @@ class Publish(NamedTuple):
     message: Mapping[str, Any]
 
 
+class PublishOrdered(NamedTuple):
+    """Effect: a message for the broker to put in its room's order (a sequencing broker, while it orders:
+    ``Server.order_through_broker``). Nobody here has it yet: it comes back, with its id, through
+    ``Server.deliver_sequenced``, and is delivered, stored and acked then, like everywhere else."""
+
+    room: str
+    message: Mapping[str, Any]
+
+
 class PresenceChanged(NamedTuple):
     """Effect: this instance's presence changed; the shell tells the broker ``Server.local_presence()``."""
 
@@ -296,7 +306,7 @@ class Failure:
     where: str = "handler"
 
 
-Effect = Stored | History | Failure | Publish | PresenceChanged
+Effect = Stored | History | Failure | Publish | PublishOrdered | PresenceChanged
 
 
 class Metrics:
@@ -2190,20 +2200,28 @@ def _read_from(since: str, window: float) -> str:
     return f"{max(origin[0] - int(window * 1000), 0):012x}"
 
 
+SEQUENCED_TAG = "~"
+"""The tag of the ids a sequencing broker gave (``Server.deliver_sequenced``) in place of an instance's:
+those messages are in one order on every instance, as if one instance had sent them all."""
+
+
 def _uncertain(since: str, ids: Iterable[str], window: float, live: Callable[[str], bool]) -> bool:
     """Some id within ``window`` of ``since`` is another instance's, and both instances ran at the
     same time (``live``: this one, or one whose messages reached it): the two may have reached the
     client's old instance in the other order than here (each instance's own messages keep their
     order everywhere; two instances' do not). A restarted single instance is not uncertain: its
-    tag before the restart never ran beside it."""
+    tag before the restart never ran beside it. The broker's order (``SEQUENCED_TAG``) counts as one
+    more instance that ran beside every other: only messages it did not order (an outage's) next to
+    ones it did, or to another instance's, are uncertain."""
     origin = _origin(since)
-    if origin is None or not live(origin[1]):
+    if origin is None or not (origin[1] == SEQUENCED_TAG or live(origin[1])):
         return False
     ms, node = origin
     span = int(window * 1000)
     for message_id in ids:
         other = _origin(message_id)
-        if other is not None and other[1] != node and abs(other[0] - ms) <= span and live(other[1]):
+        if (other is not None and other[1] != node and abs(other[0] - ms) <= span
+                and (other[1] == SEQUENCED_TAG or live(other[1]))):
             return True
     return False
 
@@ -2247,6 +2265,17 @@ class PublishKeys:
         waiters = self._entries.get(key)
         self._entries[key] = (message_id, ts)
         return waiters if isinstance(waiters, list) else []
+
+    def renamed(self, message_id: str, new_id: str) -> None:
+        """The message still being stored under ``message_id`` got its final id (the broker ordered it)."""
+        key = self._waiting.pop(message_id, None) if self._waiting else None
+        if key is not None:
+            self._waiting[new_id] = key
+
+    def superseded(self, message_id: str) -> None:
+        """The message waiting under ``message_id`` will not be stored: its key's original came first (the
+        broker ordered another instance's message with the same key before it); the key stays known."""
+        self._waiting.pop(message_id, None)
 
     def lost(self, message_id: str) -> list[Ack]:
         """The message with this id could not be stored: its key is free again; the repeats that waited."""
@@ -3559,10 +3588,12 @@ class Messages:
     """A message's way through this instance, and what the backends answer about it.
 
     It owns the message ids (``IdClock``), the publish keys (``PublishKeys``), the joins with
-    ``since`` waiting for the store (``Recoveries``) and the pass's effects, the work for the
-    shell's backends, in the order it arose. It does ``publish`` (a handler's, through its
-    connection) and takes the backends' answers: the broker's ``deliver``, the store's ``ack`` and
-    ``unavailable`` for writes, ``history_reply`` and ``history_failed`` for reads. The ``Server``
+    ``since`` waiting for the store (``Recoveries``), the publishes waiting for a sequencing
+    broker's order, and the pass's effects, the work for the shell's backends, in the order it
+    arose. It does ``publish`` (a handler's, through its connection) and takes the backends'
+    answers: the broker's ``deliver`` and ``deliver_sequenced`` (``order_through_broker`` says
+    whether it orders), the store's ``ack`` and ``unavailable`` for writes, ``history_reply`` and
+    ``history_failed`` for reads. The ``Server``
     owns it and forwards the shell's calls; it reaches the server through its public API and the
     ``contain`` and ``settle`` steps the server gave it.
     """
@@ -3576,8 +3607,10 @@ class Messages:
         "_handshakes",
         "_ids",
         "_keys",
+        "_ordering",
         "_recoveries",
         "_rooms",
+        "_sequencing",
         "_server",
         "_settle",
         "config",
@@ -3611,6 +3644,9 @@ class Messages:
         self._ids = IdClock(config.node)
         self._keys = PublishKeys(config.idempotency_keys)
         self._recoveries = Recoveries(rooms, config)
+        self._sequencing = False  # the broker orders publishes (order_through_broker)
+        # the publishes it orders, by their id here, until they come back: (room, message, ack)
+        self._ordering: dict[str, tuple[str, dict[str, Any], Ack]] = {}
 
     def emit(self, effect: Effect) -> None:
         """Work for the shell's backends (``Server.effects`` hands it over, in order)."""
@@ -3662,6 +3698,88 @@ class Messages:
             count = None
         self._settle()
         return count
+
+    def deliver_sequenced(self, room: str, payload: dict[str, Any], node: str, position: str) -> int | None:
+        """A message the broker ordered, at its place in the room's order: ``position`` (18 hex digits) makes
+        its id (with ``SEQUENCED_TAG``), which replaces the one it had on its instance, so that ids follow
+        the order. Another instance's is delivered as ``deliver`` does; one of ours (``node`` is this
+        instance) is delivered to the room but its sender, stored, and acked with the new id once stored.
+
+        Returns how many members it went to, or None when it was one of ours no longer awaited (delivered
+        here already, during an outage: ``order_through_broker``; or a repeat). ``payload`` is the broker's
+        own decoded copy: its ``id`` is replaced in place."""
+        message_id = position + SEQUENCED_TAG
+        count: int | None = None
+        try:
+            if node == self.config.node:
+                ours = payload.get("id")
+                waiting = self._ordering.pop(ours, None) if isinstance(ours, str) else None
+                if waiting is None:
+                    return None
+                _, message, ack = waiting
+                if "key" in message:
+                    first = self._keys.lookup((room, message.get("user"), message["key"]))
+                    if isinstance(first, tuple):  # the same key reached the order first from elsewhere
+                        self._keys.superseded(ack.id)
+                        self._ack_one_safely(ack._replace(id=first[0], ts=first[1] if ack.ts is not None else None))
+                        self._settle()
+                        return None
+                    self._keys.renamed(ack.id, message_id)
+                message["id"] = message_id
+                count = self._deliver_own(room, message, ack._replace(id=message_id))
+            else:
+                payload["id"] = message_id
+                key = payload.get("key")
+                if isinstance(key, str):
+                    # one order everywhere: the first of a key is kept and a repeat dropped alike on every instance
+                    keyed = (room, payload.get("user"), key)
+                    first = self._keys.lookup(keyed)
+                    if isinstance(first, tuple) and first[0] != message_id:
+                        self.metrics.duplicates += 1
+                        self._settle()
+                        return None
+                    self._keys.known(keyed, message_id, payload.get("ts"))
+                    for waiter in first if isinstance(first, list) else ():  # repeats here waiting for ours, second
+                        self._ack_one_safely(waiter._replace(id=message_id, ts=payload.get("ts")))
+                visible = payload if key is None else {name: value for name, value in payload.items() if name != "key"}
+                count = self._rooms.publish(room, message_id, text_message(visible, self.config), ())
+                self.metrics.deliveries += count
+        except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
+            self._contain("deliver", None, exc)
+            count = None
+        self._settle()
+        return count
+
+    def _ack_one_safely(self, ack: Ack) -> None:
+        conn = self._connections.get(ack.conn_id)
+        if conn is not None:
+            self._ack_one(conn, ack)
+
+    def _deliver_own(self, room: str, message: dict[str, Any], ack: Ack) -> int:
+        """One of our publishes that waited for the broker: to the room but its sender, then to the store."""
+        sender = self._connections.get(ack.conn_id)
+        visible = message if "key" not in message else {name: value for name, value in message.items() if name != "key"}
+        count = self._rooms.publish(room, message["id"], text_message(visible, self.config),
+                                    (sender,) if sender is not None else (), ack.conn_id)
+        self.metrics.deliveries += count
+        self._effects.append(_new_tuple(Stored, (room, message, ack)))
+        return count
+
+    def order_through_broker(self, on: bool) -> None:
+        """The broker started (True) or stopped (False: down past its grace) ordering publishes. Once it
+        stops, the publishes still waiting for it are delivered here now, in the order they came, with the
+        ids they got here, stored and acked, as every publish is until it orders again; the broker sends
+        them on unordered when it is back."""
+        self._sequencing = on
+        if on or not self._ordering:
+            return
+        waiting, self._ordering = self._ordering, {}
+        for room, message, ack in waiting.values():
+            try:
+                self._deliver_own(room, message, ack)
+            except Exception as exc:
+                self._contain("deliver", self._connections.get(ack.conn_id), exc)
+        self._settle()
 
     def ack(self, acks: Iterable[Ack]) -> None:
         """The store committed these messages: tell each sender that is still connected (and the
@@ -3804,6 +3922,8 @@ class Messages:
         body = config.codec.dumps(message)
         if v2 and len(body) > config.max_message_size:
             raise EventError("bad_field", f"the message would be over {config.max_message_size} bytes", ref, room)
+        if self._sequencing:
+            return self._publish_ordered(conn, room, message, ref, v2, key)
         out = OutboundMessage(_TEXT, body, config.compression_min_size, config.compression_level)
         count = self._rooms.publish(room, message_id, out, (conn,), conn.id)
         self.metrics.deliveries += count
@@ -3815,6 +3935,20 @@ class Messages:
             message = {**message, "key": key}
         effects.append(_new_tuple(Publish, (room, message)))
         effects.append(_new_tuple(Stored, (room, message, ack)))
+        return message_id
+
+    def _publish_ordered(
+        self, conn: Connection, room: str, message: dict[str, Any], ref: Any, v2: bool, key: str | None
+    ) -> str:
+        """``publish`` while the broker orders: the message goes to the broker only (``PublishOrdered``) and
+        waits, under the id it got here, until it comes back in the room's order (``deliver_sequenced``)."""
+        message_id, ts = message["id"], message["ts"]
+        ack = _new_tuple(Ack, (conn.id, ref, message_id, ts, room) if v2 else (conn.id, ref, message_id, None, None))
+        if key is not None:
+            self._keys.storing((room, message.get("user"), key), message_id)
+            message = {**message, "key": key}
+        self._ordering[message_id] = (room, message, ack)
+        self._effects.append(_new_tuple(PublishOrdered, (room, message)))
         return message_id
 
     def enter(self, conn: Connection, room: str, meta: bytes, watch: bool, ref: Any, since: str | None = None) -> None:
@@ -3906,8 +4040,9 @@ class Server:
 
     The shell calls: ``connect``, ``receive``, ``resume``, ``tick``, ``pending``, ``take_shared``,
     ``enqueue``, ``effects``, ``close_all``; the backends' answers ``ack``, ``unavailable``,
-    ``history_reply``, ``history_failed``, ``deliver``, ``remember_keys`` (each handed to
-    ``Messages``), ``remote_presence``, ``local_presence``, ``set_available``. Metrics read
+    ``history_reply``, ``history_failed``, ``deliver``, ``deliver_sequenced``,
+    ``order_through_broker``, ``remember_keys`` (each handed to ``Messages``), ``remote_presence``,
+    ``local_presence``, ``set_available``. Metrics read
     ``metrics``, ``stats()`` and ``available()``. Handlers reach the server only through their
     ``Connection`` (which reaches ``messages`` and ``handshakes`` for them).
 
@@ -4083,6 +4218,14 @@ class Server:
     def deliver(self, room: str, payload: Mapping[str, Any], node: str | None = None) -> int | None:
         """A message from the broker for the local members of ``room`` (``Messages.deliver``)."""
         return self.messages.deliver(room, payload, node)
+
+    def deliver_sequenced(self, room: str, payload: dict[str, Any], node: str, position: str) -> int | None:
+        """A message the broker ordered, at ``position`` in the room's order (``Messages.deliver_sequenced``)."""
+        return self.messages.deliver_sequenced(room, payload, node, position)
+
+    def order_through_broker(self, on: bool) -> None:
+        """The broker started or stopped ordering publishes (``Messages.order_through_broker``)."""
+        self.messages.order_through_broker(on)
 
     def ack(self, acks: Iterable[Ack]) -> None:
         """The store committed these messages (``Messages.ack``)."""

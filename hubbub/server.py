@@ -731,6 +731,8 @@ class Backends:
                 elif kind is Publish:
                     if publish is not None:
                         publish(effect.room, effect.message)  # type: ignore[union-attr]
+                elif kind is core.PublishOrdered:  # only a sequencing broker makes the core emit these
+                    self.broker.sequence(effect.room, effect.message)  # type: ignore[union-attr]
                 elif kind is core.History:
                     if stored:  # a read sees every message stored before it was asked for
                         self._store(stored)
@@ -785,6 +787,18 @@ class Backends:
         encoded once), kept with the pass's others (``store_remote``)."""
         if self.server.deliver(room, message, node) is not None and not self.store.shared:
             self._remote.append((room, message, None))  # our own history holds the other instances' messages too
+        self._wake()
+
+    def on_sequenced(self, room: str, message: Any, node: str, position: str) -> None:
+        """A message the broker ordered (ours too), at its place: delivered now; another instance's kept
+        with the pass's others (``store_remote``); ours the core stores itself (its ack waits for it)."""
+        if self.server.deliver_sequenced(room, message, node, position) is not None and not self.store.shared \
+                and node != self.server.config.node:
+            self._remote.append((room, message, None))
+        self._wake()
+
+    def on_sequencing(self, on: bool) -> None:
+        self.server.order_through_broker(on)
         self._wake()
 
     def store_remote(self) -> None:
@@ -1133,7 +1147,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--broker", default=_env("broker") or "memory",
         help="how instances share rooms and presence: memory (one instance), "
-        "redis://HOST:PORT/DB or nats://HOST:PORT (asyncio backend only)",
+        "redis://HOST:PORT/DB or nats://HOST:PORT (asyncio backend only). Redis puts every room's messages in "
+        "one order on every instance (ids follow it); NATS does not: each instance's own messages keep their "
+        "order, two instances' may arrive in either (recovery answers recovered false around them)",
     )
     parser.add_argument(
         "--broker-channel", default=_env("broker_channel") or "hubbub",
@@ -1257,7 +1273,7 @@ async def serve(
     store = open_store(args.store, parse_retention(args.history_retention))
     broker = open_broker(
         args.broker, config.node, channel=args.broker_channel, presence_ttl=config.presence_ttl,
-        observe=metrics.observer("broker"),
+        observe=metrics.observer("broker"), sequence=True,  # with Redis: one order per room (PROTOCOL.md §3)
     )
     server = core.Server(
         build_router(config), config,

@@ -44,6 +44,30 @@ logged at most once a second, with the number held back). An outgoing message th
 strict JSON (NaN, a lone surrogate) or too large for the broker is dropped and counted in
 ``failures``: ``publish`` never raises into the event loop.
 
+Sequencing (Redis; ``sequence=True``, as ``server.py`` runs it): one order per room on every instance,
+ids following it (PROTOCOL.md §3). A message the core hands to ``sequence`` is not delivered anywhere
+yet. The sender orders each batch with one Lua script call (``_ORDER_SCRIPT``, loaded once, EVALSHA,
+loaded again on NOSCRIPT): it takes the next positions from one hash per channel, ``{channel}:order``
+(18 hex digits, milliseconds then a counter: ``max(now from TIME, last + 1)`` and above the greatest
+position this instance knows, so the order also stays above the ids an outage made), and PUBLISHes
+``{"g": G, "e": EPOCH, "i": FIRST, "n": NODE, "q": FIRST_Q, "b": [...]}`` in the same atomic step: item
+k's position is FIRST + k. One counter for all rooms (not one per room): one key whatever the number
+of rooms, ids unique across rooms, and one sequence ``g`` of ordered envelopes that every subscriber
+receives in the same total order, the publishing instance included (its own ordered envelopes are
+decoded, not skipped: it delivers them at their place, and the core stores and acks them then). A
+receiver delivers ordered envelopes strictly in ``g`` order and each node's items once (its ``q``);
+after a gap in ``g`` (a subscription that dropped) the later envelopes wait while every instance
+replays the missing ones as they were published (a sync request carries ``"g": [EPOCH, G]``; our own
+come from what we sent), for ``gap_timeout`` at most. A batch whose fate is unknown (the connection broke
+before the script's answer) is sent again exactly as it was, and the script answers a repeat with its
+first answer (each node's last batch is kept a minute) instead of ordering it twice. ``EPOCH`` is when
+the hash was created: after a Redis restart (or a day of silence, ``order_ttl``) ``g`` starts again at 1
+in a new epoch.
+While the broker is down, messages wait to be ordered for ``sequence_grace`` seconds (a dropped
+subscription is back within that, and the order goes on); past it the broker stops ordering
+(``Sink.on_sequencing(False)``): the core delivers, stores and acks what waited and everything after
+with its own ids, as without sequencing, and those messages go out unordered, in order, on reconnect.
+
 Presence expiry lives in the core (``presence_ttl`` after the last heartbeat); with Redis
 each node's presence is also kept in a key that expires after ``presence_ttl``, which a
 (re)starting instance reads so it knows everyone at once.
@@ -100,6 +124,9 @@ def _decode(data: bytes | str) -> dict[str, Any]:
         items = envelope["b"]
         if not isinstance(items, list) or not items:
             raise ValueError("b is not a non-empty list")
+        if "g" in envelope and not (_is_int(envelope["g"]) and _is_int(envelope.get("e"))
+                                    and _is_position(envelope.get("i"))):
+            raise ValueError("an ordered batch needs integers g and e and a position i")
     elif "m" in envelope:
         if not _is_int(envelope.get("q")):
             raise ValueError("q is not an integer")
@@ -115,9 +142,22 @@ def _decode(data: bytes | str) -> dict[str, Any]:
         marks = envelope["s"]
         if not (isinstance(marks, dict) and all(_is_int(seq) for seq in marks.values())):
             raise ValueError("s is not an object of sequence numbers")
+        want = envelope.get("g")
+        if want is not None and not (isinstance(want, list) and len(want) == 2 and all(map(_is_int, want))):
+            raise ValueError("g is not [epoch, g]")
     else:
         raise ValueError("neither b, m, p nor s")
     return envelope
+
+
+def _is_position(value: Any) -> bool:
+    """18 lowercase hex digits: a place in the order (milliseconds, then a counter)."""
+    return isinstance(value, str) and len(value) == 18 and all(c in "0123456789abcdef" for c in value)
+
+
+def _next_position(position: str, count: int) -> str:
+    """The position ``count`` places after ``position`` (the broker keeps a batch's in one millisecond)."""
+    return f"{position[:12]}{int(position[12:], 16) + count:06x}"
 
 
 def _item(item: Any) -> tuple[str, dict[str, Any]] | None:
@@ -154,9 +194,15 @@ class _Throttle:
 
 
 class Sink(Protocol):
-    """Where a broker hands what it receives: the shell, which passes it on to the core."""
+    """Where a broker hands what it receives: the shell, which passes it on to the core.
+
+    ``on_sequenced`` is a message the broker put in order (every instance's own included), with its
+    ``position`` in the order (18 hex digits: milliseconds, then a counter); ``on_sequencing`` says
+    whether the broker orders messages now (a sequencing broker only: see ``PubSubBroker``)."""
 
     def on_message(self, room: str, message: Mapping[str, Any], node: str) -> None: ...
+    def on_sequenced(self, room: str, message: Mapping[str, Any], node: str, position: str) -> None: ...
+    def on_sequencing(self, on: bool) -> None: ...
     def on_presence(self, node: str, rooms: Mapping[str, Sequence[str]] | None) -> None: ...
     def on_sync(self) -> None: ...
     def on_broker_status(self, up: bool) -> None: ...
@@ -231,6 +277,8 @@ class PubSubBroker:
         max_pending: int = 10_000,
         gap_timeout: float = 2.0,
         observe: Callable[[str, float], None] | None = None,
+        sequence: bool = False,
+        sequence_grace: float = 1.0,
     ) -> None:
         self.url = url
         self.node = node
@@ -266,10 +314,33 @@ class PubSubBroker:
         self._presence: bytes | None = None  # the newest heartbeat, not yet sent
         self._presence_rooms: Mapping[str, Sequence[str]] | None = {}
         self._wake: anyio.Event | None = None  # made in run(): an Event belongs to a running loop
+        # -- sequencing (see "Sequencing" in the module's docstring) --
+        self.sequences = sequence and self.can_sequence  # asked to, and able to
+        self.sequencing = False  # the broker orders messages now: told to the sink as it changes
+        self.sequence_grace = sequence_grace
+        self._ordered: deque[tuple[int, bytes]] = deque()  # (q, encoded item) waiting for the broker to order them
+        # ordered envelopes sent, as published, for replays and to fill our own gaps: (first q, last q, e, g, envelope)
+        self._ordered_sent: deque[tuple[int, int, int, int, bytes]] = deque()
+        self._ordered_sent_messages = 0
+        self._replay_limit = replay
+        self._epoch: int | None = None  # the order's epoch (when Redis started its counter), None: not known yet
+        self._next_g = 1  # the ordered envelope we deliver next
+        self._seen_g = 0  # the greatest g known to exist in this epoch
+        self._held: dict[int, dict[str, Any]] = {}  # g -> envelope, waiting behind a gap in the order
+        self._held_since: float | None = None
+        self._own_delivered = 0  # the last q of ours the sink got back in order
+        self._retry: tuple[int, int] | None = None  # (first q, count) of an ordered batch whose fate is unknown
+        self._floor = ""  # the greatest position known here: the broker's next ones must be above it
+        self._down_since = time.monotonic()
+        self._outage: anyio.Event | None = None  # set when the broker goes down (made in run())
+        self._sink: Sink | None = None
+
+    can_sequence = False
+    """The broker can put messages in one order (``sequence`` then turns it on)."""
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._ordered)
 
     # -- what the shell calls (never blocks) ------------------------------------
 
@@ -281,12 +352,31 @@ class PubSubBroker:
         item = self._pack_item(room, message)
         if item is None:
             return  # its sequence number is not used, so the others see no gap
+        if self.sequences:  # the order goes on above the ids this instance gave out on its own
+            message_id = message.get("id")
+            if isinstance(message_id, str) and message_id[:18] > self._floor:
+                self._floor = message_id[:18]
         queue = self._queue
         if len(queue) >= self._max_queue:
             queue.popleft()
             self.dropped += 1
         self._seq = seq = self._seq + 1
         queue.append((seq, item))
+        self._poke()
+
+    def sequence(self, room: str, message: Mapping[str, Any]) -> None:
+        """Queue one message for the broker to put in the order (while ``sequencing``): every instance,
+        this one included, gets it back through ``Sink.on_sequenced`` at its place in the order. One that
+        comes after ordering stopped (the core had it before it heard) goes out unordered, as the core
+        then delivered it itself."""
+        if not self.sequencing:
+            self.publish(room, message)
+            return
+        item = self._pack_item(room, message)
+        if item is None:
+            return
+        self._seq = seq = self._seq + 1
+        self._ordered.append((seq, item))
         self._poke()
 
     def publish_presence(self, rooms: Mapping[str, Sequence[str]] | None) -> None:
@@ -301,7 +391,7 @@ class PubSubBroker:
         """Send what is queued and a presence goodbye, for at most a second."""
         self.publish_presence(None)
         with anyio.move_on_after(1.0):
-            while self.up and (self._queue or self._presence is not None):
+            while self.up and (self._queue or self._ordered or self._presence is not None):
                 await anyio.sleep(0.01)
 
     def _poke(self) -> None:
@@ -353,9 +443,8 @@ class PubSubBroker:
             envelopes.append(b"%s%d,\"b\":[%s]}" % (head, first, b",".join(run)))
         return envelopes
 
-    def _take(self) -> list[tuple[int, bytes]]:
-        """The next envelope's worth of queued items (at least one)."""
-        queue = self._queue
+    def _take(self, queue: deque[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        """The next envelope's worth of ``queue``'s items (at least one)."""
         taken = [queue.popleft()]
         size = len(taken[0][1])
         limit, cap = self.batch_messages, self.batch_bytes
@@ -383,7 +472,15 @@ class PubSubBroker:
     async def run(self, sink: Sink, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, subscribe, send and receive; on failure reconnect with backoff, forever."""
         self._wake = anyio.Event()
-        task_status.started()
+        self._outage = anyio.Event()
+        self._sink = sink
+        async with anyio.create_task_group() as tg:
+            if self.sequences:
+                tg.start_soon(self._watch_outages, sink)
+            task_status.started()
+            await self._connect_forever(sink)
+
+    async def _connect_forever(self, sink: Sink) -> None:
         delay = 0.1
         while True:
             try:
@@ -410,7 +507,8 @@ class PubSubBroker:
         """Hand each envelope received to ``sink`` until the subscription fails. Each is on its own: a
         malformed one or a sink that raises costs that envelope, not the connection and all behind it.
         Our own envelopes come back too (one channel for all): they are known by their first bytes and
-        skipped undecoded, which on the publishing instance is a decode of everything it publishes saved."""
+        skipped undecoded, which on the publishing instance is a decode of everything it publishes saved.
+        Ordered envelopes begin with ``{"g":``, so ours are decoded: we deliver them at their place too."""
         own = self._own_prefix
         async for data in self._listen():
             if data.startswith(own):
@@ -426,9 +524,12 @@ class PubSubBroker:
     def _dispatch(self, sink: Sink, envelope: dict[str, Any]) -> None:
         """One envelope that ``_decode`` accepted, to the sink; one the sink fails on is logged and counted."""
         node = envelope["n"]
-        if node == self.node:
-            return
         try:
+            if "g" in envelope and "b" in envelope:
+                self._order(sink, envelope)
+                return
+            if node == self.node:
+                return
             if "b" in envelope:
                 self.batches_in += 1
                 self.messages_in += len(envelope["b"])
@@ -440,7 +541,7 @@ class PubSubBroker:
             elif "p" in envelope:
                 sink.on_presence(node, envelope["p"])
             else:
-                self._on_sync(envelope["s"])
+                self._on_sync(envelope["s"], envelope.get("g"))
                 sink.on_sync()
         except Exception as exc:
             self._sink_failed(exc)
@@ -453,7 +554,11 @@ class PubSubBroker:
             self._malformed_envelope(ValueError("a batch item is not {r: room, m: message}"), repr(item).encode())
             return
         try:
-            sink.on_message(checked[0], checked[1], node)
+            position = item.get("i")
+            if position is None:
+                sink.on_message(checked[0], checked[1], node)
+            else:
+                sink.on_sequenced(checked[0], checked[1], node, position)
         except Exception as exc:
             self._sink_failed(exc)
 
@@ -523,31 +628,58 @@ class PubSubBroker:
         while True:
             await anyio.sleep(self.gap_timeout / 4)
             now = time.monotonic()
+            if self._held_since is not None and now - self._held_since >= self.gap_timeout:
+                self._skip_order_gap(sink)
             for node, peer in list(self._peers.items()):
                 if peer.gap_since is not None and now - peer.gap_since >= self.gap_timeout:
                     self._skip_gap(sink, node, peer)
                 elif not peer.pending and now - peer.heard > forget_after:
                     del self._peers[node]
 
-    def _request_replay(self, marks: Mapping[str, int]) -> None:
-        data = self._pack({"n": self.node, "s": marks})
+    def _request_replay(self, marks: Mapping[str, int], want: list[int] | None = None) -> None:
+        request: dict[str, Any] = {"n": self.node, "s": marks}
+        if want is not None:
+            request["g"] = want
+        data = self._pack(request)
         if data is not None:
             self._control.append(data)
             self._poke()
 
-    def _on_sync(self, marks: Mapping[str, int]) -> None:
-        """Another instance (re)connected or saw a gap: send again what it lacks of ours."""
+    def _on_sync(self, marks: Mapping[str, int], want: list[int] | None = None) -> None:
+        """Another instance (re)connected or saw a gap: send again what it lacks of ours (``want``, [epoch, g]:
+        and our ordered envelopes from g on in that epoch), as they were: in q order."""
         mark = marks.get(self.node)
-        if mark is None:
-            return  # it never heard from us
-        self._replay = self._envelopes([sent for sent in self._sent if sent[0] > mark])
+        replay: list[tuple[int, bytes]] = []
+        if mark is not None:  # else it never heard from us
+            replay += self._envelopes_after(mark)
+        for first, last, epoch, g, envelope in self._ordered_sent:
+            if (mark is not None and last > mark) or (want is not None and epoch == want[0] and g >= want[1]):
+                replay.append((first, envelope))
+        replay.sort(key=lambda entry: entry[0])
+        self._replay = [envelope for _, envelope in replay]
         if self._replay:
             self._poke()
+
+    def _envelopes_after(self, mark: int) -> list[tuple[int, bytes]]:
+        """Our unordered messages after q ``mark`` as envelopes, each with the first q of its run (the
+        ordered ones between runs are replayed as they were)."""
+        runs: list[list[tuple[int, bytes]]] = []
+        for entry in self._sent:
+            if entry[0] <= mark:
+                continue
+            if runs and entry[0] == runs[-1][-1][0] + 1:
+                runs[-1].append(entry)
+            else:
+                runs.append([entry])
+        return [(run[0][0], envelope) for run in runs for envelope in self._envelopes(run)]
 
     async def _hello(self, sink: Sink) -> None:
         """Just (re)connected: ask everyone for their presence and for what we missed; send ours."""
         marks = {node: peer.next - 1 for node, peer in self._peers.items()}
-        hello = self._pack({"n": self.node, "s": marks})
+        request: dict[str, Any] = {"n": self.node, "s": marks}
+        if self._held_since is not None and self._epoch is not None:  # and the ordered envelopes we missed
+            request["g"] = [self._epoch, self._next_g]
+        hello = self._pack(request)
         if hello is not None:
             await self._send([hello])
         if self._presence is None and self._presence_rooms is not None:
@@ -555,6 +687,7 @@ class PubSubBroker:
 
     async def _sender(self) -> None:
         queue = self._queue
+        ordered = self._ordered
         sent = self._sent
         while True:
             if self._control:
@@ -567,40 +700,213 @@ class PubSubBroker:
                 if self._replay is replay:
                     self._replay = []
                 continue
-            if self._presence is None and not queue:
+            if self._presence is None and not queue and not ordered:
                 assert self._wake is not None
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 continue
-            taken = self._take() if queue else []
-            batch = self._envelopes(taken)
+            # the queues in q order: what waited during an outage goes out before what came after it
+            source = ordered if ordered and (not queue or ordered[0][0] < queue[0][0]) else queue
+            taken = self._take(source) if source else []
+            if source is ordered and self._retry is not None and taken[0][0] == self._retry[0]:
+                # the batch whose fate was unknown goes again exactly as it was, so the script knows it
+                keep = self._retry[1]
+                source.extendleft(reversed(taken[keep:]))
+                del taken[keep:]
+            batch = [] if source is ordered else self._envelopes(taken)
             presence = self._presence
             if presence is not None:
                 batch.append(presence)
             started = time.perf_counter()
-            try:
-                await self._send(batch, presence=presence is not None)
-            except BaseException:
-                queue.extendleft(reversed(taken))  # unsent, or its fate unknown: send again on reconnect
-                raise
-            self.observe("publish", time.perf_counter() - started)
-            sent.extend(taken)
-            if taken:
+            if taken:  # counted before the reply: the others may have the batch before we hear back
                 self.batches_out += 1
                 self.messages_out += len(taken)
+            try:
+                if source is ordered:
+                    await self._send_ordered(taken, batch, presence=presence is not None)
+                else:
+                    await self._send(batch, presence=presence is not None)
+            except BaseException:
+                source.extendleft(reversed(taken))  # unsent, or its fate unknown: send again on reconnect
+                if source is ordered:
+                    self._retry = (taken[0][0], len(taken))
+                if taken:
+                    self.batches_out -= 1
+                    self.messages_out -= len(taken)
+                raise
+            self.observe("publish", time.perf_counter() - started)
+            if source is queue:
+                sent.extend(taken)
+            else:
+                self._retry = None
             if self._presence is presence:
                 self._presence = None
+
+    async def _send_ordered(self, taken: list[tuple[int, bytes]], batch: list[bytes], presence: bool = False) -> None:
+        """Have the broker order ``taken`` (one envelope, q consecutive) and publish it in the same step, with
+        ``batch`` (a heartbeat) beside it; keep the envelope as published (``_ordered_sent``)."""
+        rest = b'"n":%s,"q":%d,"b":[%s]}' % (self._node_json, taken[0][0], b",".join(item for _, item in taken))
+        epoch, g, position = await self._order_and_publish(taken[0][0], len(taken), rest, batch, presence)
+        self._floor = max(self._floor, _next_position(position, len(taken) - 1))
+        self._ordered_sent.append((taken[0][0], taken[-1][0], epoch, g, b'{"g":%d,"e":%d,"i":"%s",%s' % (
+            g, epoch, position.encode(), rest)))
+        self._ordered_sent_messages += len(taken)
+        while self._ordered_sent_messages > self._replay_limit and len(self._ordered_sent) > 1:
+            first, last, *_ = self._ordered_sent.popleft()
+            self._ordered_sent_messages -= last - first + 1
+        if self._held_since is not None and self._sink is not None:
+            self._fill_own(self._sink)  # a gap may be waiting for this very envelope, which our subscription missed
 
     def _set_up(self, up: bool, sink: Sink, why: str = "") -> None:
         if up != self.up:
             self.up = up
             if up:
                 log.warning("broker: connected to %s", self.name)
+                if self.sequences and not self.sequencing:
+                    self.sequencing = True
+                    sink.on_sequencing(True)
             else:
-                log.warning("broker: %s unreachable (%s); %d messages wait", self.name, why, len(self._queue))
+                log.warning("broker: %s unreachable (%s); %d messages wait", self.name, why, self.queued)
+                self._down_since = time.monotonic()
+                if self._outage is not None:
+                    self._outage.set()
             sink.on_broker_status(up)
         elif not up:
             log.debug("broker: still unreachable: %s", why)
+
+    # -- the order (a sequencing broker) -----------------------------------------------
+
+    def _order(self, sink: Sink, envelope: dict[str, Any]) -> None:
+        """An ordered envelope (anyone's, ours too): delivered in g order; the later ones wait behind a gap
+        (a subscription that dropped) while the instances replay it, for ``gap_timeout`` at most."""
+        epoch, g = envelope["e"], envelope["g"]
+        if envelope["n"] != self.node:
+            self.batches_in += 1
+            self.messages_in += len(envelope["b"])
+        last = _next_position(envelope["i"], len(envelope["b"]) - 1)
+        if last > self._floor:
+            self._floor = last
+        if epoch != self._epoch:
+            if self._epoch is not None and epoch < self._epoch:
+                self._release(sink, envelope)  # a late replay from before Redis started its counter again
+                return
+            self._skip_order_gap(sink)  # a new epoch (Redis lost its counter): the old one's stragglers first
+            self._epoch, self._next_g, self._seen_g = epoch, 1, 0
+        self._seen_g = max(self._seen_g, g)
+        if g < self._next_g:
+            self._release(sink, envelope)  # a replay: the per-node numbering drops what was delivered
+        elif g > self._next_g:
+            self._held.setdefault(g, envelope)
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+                self._request_replay({node: peer.next - 1 for node, peer in self._peers.items()},
+                                     [epoch, self._next_g])
+                self._fill_own(sink)
+        else:
+            self._release(sink, envelope)
+            self._next_g = g + 1
+            self._drain_order(sink)
+
+    def _drain_order(self, sink: Sink) -> None:
+        held = self._held
+        while self._next_g in held:
+            self._release(sink, held.pop(self._next_g))
+            self._next_g += 1
+        if not held and self._seen_g < self._next_g:
+            self._held_since = None
+
+    def _release(self, sink: Sink, envelope: dict[str, Any]) -> None:
+        """One ordered envelope to the sink, each item with its position; another node's through its
+        numbering (once each, in its order), ours straight (the core knows which of its own it still awaits)."""
+        node, first, items = envelope["n"], envelope["q"], envelope["b"]
+        ms, count = envelope["i"][:12], int(envelope["i"][12:], 16)
+        for k, item in enumerate(items):
+            if type(item) is dict:
+                item["i"] = f"{ms}{count + k:06x}"
+        if node != self.node:
+            self._receive(sink, node, first, items)
+            return
+        for item in items:
+            self._deliver(sink, item, node)
+        self._own_delivered = max(self._own_delivered, first + len(items) - 1)
+
+    def _skip_order_gap(self, sink: Sink) -> None:
+        """Give up waiting for the missing envelopes of the order: deliver the held ones in order (another
+        node's missing messages are still asked for by its numbering, and counted in ``lost`` if they never come)."""
+        for g in sorted(self._held):
+            self._release(sink, self._held.pop(g))
+            self._next_g = g + 1
+        self._next_g = max(self._next_g, self._seen_g + 1)
+        self._held_since = None
+
+    def _fill_own(self, sink: Sink) -> None:
+        """Our own ordered envelopes that the order waits for, from what we sent (our subscription missed them)."""
+        for _, _, epoch, g, envelope in self._ordered_sent:
+            if epoch == self._epoch and g >= self._next_g and g not in self._held:
+                self._held[g] = _decode(envelope)
+        self._drain_order(sink)
+
+    def _resume_order(self, epoch: int | None, g: int) -> None:
+        """Just (re)connected; the order's counter stands at (``epoch``, ``g``): what we missed of it, if anything,
+        is asked for in the hello, and what follows waits for it."""
+        if epoch is not None and epoch == self._epoch:
+            self._seen_g = max(self._seen_g, g)
+        elif epoch is not None and self._epoch is not None and epoch < self._epoch:
+            return  # a counter older than ours: not ours to follow
+        elif self._epoch is None and epoch is not None and not self._held:  # the first we hear: we start here
+            self._epoch, self._next_g, self._seen_g = epoch, g + 1, g
+        elif epoch is not None:  # Redis started its counter again: all of this epoch may be news
+            if self._sink is not None:
+                self._skip_order_gap(self._sink)
+            self._epoch, self._next_g, self._seen_g = epoch, 1, g
+        if self._seen_g >= self._next_g and self._held_since is None:
+            self._held_since = time.monotonic()
+
+    async def _watch_outages(self, sink: Sink) -> None:
+        """While the broker is down, messages wait for it for ``sequence_grace`` seconds (a subscription that
+        dropped reconnects within that, and the order goes on); past it, this instance stops sequencing
+        (``_unsequence``) until the broker is back."""
+        while True:
+            assert self._outage is not None
+            await self._outage.wait()
+            self._outage = anyio.Event()
+            while not self.up and self.sequencing:
+                left = self._down_since + self.sequence_grace - time.monotonic()
+                if left <= 0:
+                    self._unsequence(sink)
+                    break
+                await anyio.sleep(left)
+
+    def _unsequence(self, sink: Sink) -> None:
+        """The broker stayed down: deliver what we hold of the order, and our own messages it ordered that
+        our subscription has not brought back yet; the rest of ours go out unordered when it is back
+        (the sink delivers them here now)."""
+        self._skip_order_gap(sink)
+        for first, last, _, _, envelope in list(self._ordered_sent):
+            if last > self._own_delivered:
+                decoded = _decode(envelope)
+                if first <= self._own_delivered:
+                    skip = self._own_delivered - first + 1
+                    decoded["b"], decoded["q"] = decoded["b"][skip:], first + skip
+                    decoded["i"] = _next_position(decoded["i"], skip)
+                self._release(sink, decoded)
+        waiting = sorted([*self._queue, *self._ordered])
+        self._queue.clear()
+        self._queue.extend(waiting[-self._max_queue:])
+        self.dropped += max(0, len(waiting) - self._max_queue)
+        self._ordered.clear()
+        self.sequencing = False
+        log.warning("broker: down for %.1f s: ordering stops until it is back; %d messages wait",
+                    time.monotonic() - self._down_since, len(self._queue))
+        sink.on_sequencing(False)
+
+    async def _order_and_publish(
+        self, first_q: int, count: int, rest: bytes, batch: list[bytes], presence: bool
+    ) -> tuple[int, int, str]:
+        """Order ``count`` messages (numbered from ``first_q``) and publish ``{"g":G,"e":E,"i":POSITION,`` +
+        ``rest`` in one step (and ``batch`` beside it); returns (E, G, POSITION). The same batch again (after a
+        failure whose fate was unknown) gets the first answer back and is not published twice."""
+        raise NotImplementedError
 
     # -- for subclasses -----------------------------------------------------------
 
@@ -617,16 +923,57 @@ class PubSubBroker:
         raise NotImplementedError
 
 
+_ORDER_SCRIPT = """
+-- One batch of COUNT messages put in the order and published in one atomic step. The order's state is
+-- one hash: its epoch e (the time it was started), the envelopes ordered so far g, and the last position
+-- (ms, seq). The batch's positions follow max(now, last + 1), above FLOOR too (the greatest this
+-- instance knows), in one millisecond. Returns {e, g, first position}. The same batch sent again (its
+-- fate was unknown: the connection broke before the answer) is not ordered twice: the node's last batch
+-- is kept for a minute in KEYS[2] ("first q, count, e, g, position"), and a repeat gets its answer back.
+local key = KEYS[1]
+local count = tonumber(ARGV[2])
+local batch = ARGV[7] .. ':' .. count
+local last = redis.call('GET', KEYS[2])
+if last and string.sub(last, 1, #batch + 1) == batch .. ':' then
+  local e, g, first = string.match(string.sub(last, #batch + 2), '^(%d+):(%d+):(%x+)$')
+  return {e, tonumber(g), first}
+end
+local floor_ms, floor_seq = tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', key, 'e', 'g', 'ms', 'seq')
+local epoch = state[1] or tostring(now)
+local g = tonumber(state[2] or '0') + 1
+local ms, seq = tonumber(state[3] or '0'), tonumber(state[4] or '-1') + 1
+if ms < floor_ms or (ms == floor_ms and seq <= floor_seq) then ms, seq = floor_ms, floor_seq + 1 end
+if ms < now then ms, seq = now, 0 end
+if seq + count > 16777216 then ms, seq = ms + 1, 0 end
+redis.call('HSET', key, 'e', epoch, 'g', g, 'ms', ms, 'seq', seq + count - 1)
+redis.call('PEXPIRE', key, ARGV[6])
+local first = string.format('%012x%06x', ms, seq)
+redis.call('PUBLISH', ARGV[1], '{"g":' .. g .. ',"e":' .. epoch .. ',"i":"' .. first .. '",' .. ARGV[5])
+redis.call('SET', KEYS[2], batch .. ':' .. epoch .. ':' .. g .. ':' .. first, 'PX', 60000)
+return {epoch, g, first}
+"""
+
+
 class RedisBroker(PubSubBroker):
-    """Redis pub/sub: one connection publishes (pipelined batches), one subscribes."""
+    """Redis pub/sub: one connection publishes (pipelined batches), one subscribes. It can sequence: one
+    Lua script per batch orders it and publishes it (``_ORDER_SCRIPT``)."""
 
     name = "redis"
+    can_sequence = True
+    order_ttl = 86_400_000
+    """Milliseconds the order's state outlives the last message (a channel nobody uses leaves no key)."""
 
     def __init__(self, url: str, node: str, **kwargs: Any) -> None:
         super().__init__(url, node, **kwargs)
         self._client: Any = None
         self._pubsub: Any = None
         self._node_key = f"{self.channel}:node:{node}"
+        self._order_key = f"{self.channel}:order"
+        self._batch_key = f"{self.channel}:order:{node}"  # our last ordered batch, for a repeat of it
+        self._script_sha = ""
 
     async def _open(self) -> None:
         import redis.asyncio as redis
@@ -644,6 +991,10 @@ class RedisBroker(PubSubBroker):
             await self._pubsub.subscribe(self.channel)
             keys = [key async for key in self._client.scan_iter(match=f"{self.channel}:node:*", count=500)]
             self._known = await self._client.mget(keys) if keys else []
+            if self.sequences:  # subscribed first: whatever is ordered from now on reaches us
+                self._script_sha = await self._client.script_load(_ORDER_SCRIPT)
+                epoch, g = await self._client.hmget(self._order_key, "e", "g")
+                self._resume_order(int(epoch) if epoch else None, int(g or 0))
         except self._errors as exc:
             raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
 
@@ -663,16 +1014,43 @@ class RedisBroker(PubSubBroker):
     async def _send(self, batch: list[bytes], presence: bool = False) -> None:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                for data in batch:
-                    pipe.publish(self.channel, data)
-                if presence:
-                    if self._presence_rooms is None:
-                        pipe.delete(self._node_key)
-                    else:
-                        pipe.set(self._node_key, batch[-1], px=int(self.presence_ttl * 1000))
+                self._publish_into(pipe, batch, presence)
                 await pipe.execute()
         except self._errors as exc:
             raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    def _publish_into(self, pipe: Any, batch: list[bytes], presence: bool) -> None:
+        for data in batch:
+            pipe.publish(self.channel, data)
+        if presence:
+            if self._presence_rooms is None:
+                pipe.delete(self._node_key)
+            else:
+                pipe.set(self._node_key, batch[-1], px=int(self.presence_ttl * 1000))
+
+    async def _order_and_publish(
+        self, first_q: int, count: int, rest: bytes, batch: list[bytes], presence: bool
+    ) -> tuple[int, int, str]:
+        from redis.exceptions import NoScriptError
+
+        floor = self._floor
+        args = (self.channel, count, int(floor[:12], 16) if floor else 0, int(floor[12:], 16) if floor else -1,
+                rest, self.order_ttl, first_q)
+        try:
+            for attempt in (1, 2):
+                try:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        pipe.evalsha(self._script_sha, 2, self._order_key, self._batch_key, *args)
+                        self._publish_into(pipe, batch, presence)
+                        epoch, g, position = (await pipe.execute())[0]
+                    return int(epoch), int(g), position.decode()
+                except NoScriptError:  # Redis forgot it (SCRIPT FLUSH): nothing was ordered; load it again
+                    if attempt == 2:
+                        raise
+                    self._script_sha = await self._client.script_load(_ORDER_SCRIPT)
+        except self._errors as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+        raise AssertionError("unreachable")
 
     async def _listen(self) -> Any:
         try:
