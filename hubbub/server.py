@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import faulthandler
 import gc
 import importlib.util
 import json
@@ -1435,6 +1436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             backend_options["use_uvloop"] = True
     _tune_gc()  # process-wide, so here and not in serve(), which tests and embedders call too
+    faulthandler.enable()  # a crash in C code (a segfault) leaves every thread's traceback in the log
     try:
         anyio.run(serve, args, backend=args.backend, backend_options=backend_options)
     except KeyboardInterrupt:
