@@ -55,7 +55,7 @@ import re
 import struct
 import zlib
 from collections import deque
-from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -1558,10 +1558,12 @@ class FrameReader:
         however much it sends in one read)."""
         conn.backlogged = False
         left = budget if budget is not None and budget > 0 else -1
-        if self._fast:
-            left = yield from self._read_fast(conn, left)
-            if self._fast or left == 0:
-                return
+        if self._fast:  # the common case: every message comes through one generator, not one inside another
+            return self._read_fast(conn, left)
+        return self._read_slow(conn, left)
+
+    def _read_slow(self, conn: Connection, left: int) -> Iterator[str | bytes | CloseConnection]:
+        """``read`` through wsproto: messages assembled from fragments, control frames, the close."""
         for event in self._engine().events():
             if conn.state is _CLOSED:
                 return
@@ -1583,7 +1585,7 @@ class FrameReader:
                 conn.backlogged = conn.state is not _CLOSED
                 return
 
-    def _read_fast(self, conn: Connection, left: int) -> Generator[str | bytes | CloseConnection, None, int]:
+    def _read_fast(self, conn: Connection, left: int) -> Iterator[str | bytes | CloseConnection]:
         """The receive fast path: whole frames straight from the buffered bytes, no wsproto.
 
         It takes what nearly every client sends: a masked, unfragmented text or binary frame (RSV1
@@ -1613,7 +1615,8 @@ class FrameReader:
             if b1 < 0x80 or not (
                 b0 in _FAST_DATA or (b0 in _FAST_CONTROL and n < 126) or (b0 in _FAST_DEFLATED and deflate is not None)
             ):
-                return (yield from self._hand_over(buf, pos, left))
+                yield from self._hand_over(conn, buf, pos, left)
+                return
             head = pos + 2
             if n == 126:
                 if pos + 4 > end:
@@ -1626,7 +1629,8 @@ class FrameReader:
                 n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                 head = pos + 10
             if n > limit:  # wsproto's size limit answers it (1009) as soon as the header is in
-                return (yield from self._hand_over(buf, pos, left))
+                yield from self._hand_over(conn, buf, pos, left)
+                return
             stop = head + 4 + n
             if stop > end:
                 if (
@@ -1638,7 +1642,8 @@ class FrameReader:
                     # A big frame still arriving (wsproto streams it as it comes); a compressed one (wsproto
                     # inflates as it comes, so it can fail a bad one before it is whole); text that is already
                     # not UTF-8, or binary on a JSON route (wsproto fails those at once, as the RFC asks).
-                    return (yield from self._hand_over(buf, pos, left))
+                    yield from self._hand_over(conn, buf, pos, left)
+                    return
                 break
             payload = unmask(buf[head + 4 : stop], buf[head : head + 4]) if n else b""
             if b0 & 0x40:  # compressed, on a deflate connection
@@ -1646,7 +1651,7 @@ class FrameReader:
                 if isinstance(inflated, CloseReason):  # as wsproto reports an extension's refusal
                     self._at = stop
                     yield CloseConnection(inflated, "error in extension")
-                    return 0
+                    return
                 payload = inflated
             message: str | bytes | None = None
             if b0 & 0x0F == 0x1:
@@ -1654,10 +1659,11 @@ class FrameReader:
                     message = payload.decode()
                 except UnicodeDecodeError as exc:
                     if not b0 & 0x40:  # wsproto answers it (1007), in its own words
-                        return (yield from self._hand_over(buf, pos, left))
+                        yield from self._hand_over(conn, buf, pos, left)
+                        return
                     self._at = stop  # inflated already, so it cannot be handed over: wsproto's answer here
                     yield CloseConnection(CloseReason.INVALID_FRAME_PAYLOAD_DATA, str(exc))
-                    return 0
+                    return
             elif b0 & 0x0F == 0x2:
                 message = payload
             self._at = pos = stop
@@ -1676,20 +1682,20 @@ class FrameReader:
             left -= 1
             if left == 0:
                 conn.backlogged = pos < end and conn.state is not closed
-                return 0
+                return
         if pos >= end or conn.state is closed:
             self._inbox, self._at = b"", 0
         else:
             self._at = pos  # a frame still arriving: the rest comes with the next read
-        return left
 
-    def _hand_over(self, buf: bytes, pos: int, left: int) -> Generator[str | bytes, None, int]:
-        """From the frame at ``pos`` on, the stream is wsproto's (``read_frames`` goes on there)."""
+    def _hand_over(
+        self, conn: Connection, buf: bytes, pos: int, left: int
+    ) -> Iterator[str | bytes | CloseConnection]:
+        """From the frame at ``pos`` on, the stream is wsproto's: the rest of this read goes on there."""
         self._fast = False
         self._inbox, self._at = b"", 0
         self._engine().receive_data(buf[pos:])
-        return left
-        yield  # a generator, so that _read_fast can ``yield from`` it
+        yield from self._read_slow(conn, left)
 
     def _data(self, conn: Connection, event: TextMessage | BytesMessage) -> str | bytes | None:
         """One data frame (or part of one) from wsproto: the whole message once its last fragment came

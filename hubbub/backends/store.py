@@ -188,17 +188,19 @@ class MemoryStore:
         """Keep a batch (a loop pass's messages): the clock is read and the age checked once for all."""
         cutoff = self._cutoff()
         rooms, ids, per_room = self._rooms, self._ids, self.per_room
-        for room, message in messages:
+        for room, message in messages:  # once per message: _ts inline
             message_id = message["id"]
-            if message_id in ids or (cutoff is not None and _ts(message) < cutoff):
+            if message_id in ids or (cutoff is not None and message.get("ts", 0) < cutoff):
                 continue  # a repeat, or already older than we keep
             kept = rooms.get(room)
             if kept is None:
                 kept = rooms[room] = deque(maxlen=per_room)
-            elif cutoff is not None and _ts(kept[0]) < cutoff:
-                self._expire(kept, cutoff)
-            if len(kept) == per_room:
-                ids.discard(kept[0]["id"])
+            else:
+                oldest = kept[0]
+                if cutoff is not None and oldest.get("ts", 0) < cutoff:
+                    self._expire(kept, cutoff)  # at least the oldest goes: no longer full
+                elif len(kept) == per_room:
+                    ids.discard(oldest["id"])  # the deque drops it as the new one comes in
             kept.append(message if "key" not in message else _unkeyed(message))
             ids.add(message_id)
 
