@@ -82,9 +82,10 @@ MAX_MESSAGE_SIZE = 64 * 1024
 """The server's default ``--max-message-size``: a frame over it would be closed 1009, which ends the client."""
 REWIND = 100
 """Catching up through ``history``, the client pages from the smallest of the last ``REWIND`` ids it
-delivered rather than from the last one: until every instance sequences each room (PROTOCOL.md
-section 3), messages from two instances can arrive slightly out of id order, and one with a
-smaller id than the last delivered could still have been on its way. What comes twice is dropped."""
+delivered rather than from the last one: where the broker does not sequence the rooms (NATS, or
+around a Redis outage: PROTOCOL.md section 3, README "What is and is not promised across instances"), messages from two
+instances can arrive slightly out of id order, and one with a smaller id than the last delivered
+could still have been on its way. What comes twice is dropped."""
 
 
 class HubbubError(Exception):
