@@ -58,6 +58,7 @@ class Schedule:
         self.start_at: float | None = None
         self.stop_at: float | None = None
         self.known = gevent.event.Event()  # set once the schedule arrived
+        self.name = name
         self._start_message = f"{name}_schedule"
         self._stop_message = f"{name}_stop_sending"
         self._settle, self._drain, self._on_test_start, self._drains = settle, drain, on_test_start, drains
@@ -158,7 +159,7 @@ class Schedule:
         stop = self._planned_stop(environment)
         stop_in = None if stop is None else stop - now
         log.info(
-            "spawning complete: sending starts in %.1fs, stops %s",
+            "%s: spawning complete: sending starts in %.1fs, stops %s", self.name,
             settle, f"in {stop_in:.1f}s" if stop_in is not None else "when the test stops (then a drain)",
         )
         self._scheduled = True
