@@ -3590,6 +3590,12 @@ class IdClock:
         return f"{self._prefix}{seq:x}{self._node}"
 
 
+def _for_members(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A message as its room's members get it: without the publisher's idempotency ``key`` (which the
+    store and ``PublishKeys`` keep; no member sees another's key)."""
+    return message if "key" not in message else {name: value for name, value in message.items() if name != "key"}
+
+
 class Messages:
     """A message's way through this instance, and what the backends answer about it.
 
@@ -3690,7 +3696,7 @@ class Messages:
         key = payload.get("key")  # for PublishKeys and the store's unique index, not for the members
         message_id = payload.get("id")
         try:
-            visible = payload if key is None else {name: value for name, value in payload.items() if name != "key"}
+            visible = _for_members(payload)
             out = text_message(visible, self.config)
             if isinstance(message_id, str):
                 count: int | None = self._rooms.publish(room, message_id, out, ())
@@ -3747,7 +3753,7 @@ class Messages:
                     self._keys.known(keyed, message_id, payload.get("ts"))
                     for waiter in first if isinstance(first, list) else ():  # repeats here waiting for ours, second
                         self._ack_one_safely(waiter._replace(id=message_id, ts=payload.get("ts")))
-                visible = payload if key is None else {name: value for name, value in payload.items() if name != "key"}
+                visible = _for_members(payload)
                 count = self._rooms.publish(room, message_id, text_message(visible, self.config), ())
                 self.metrics.deliveries += count
         except Exception as exc:  # a message we cannot re-encode costs that message, not the stream
@@ -3764,7 +3770,7 @@ class Messages:
     def _deliver_own(self, room: str, message: dict[str, Any], ack: Ack) -> int:
         """One of our publishes that waited for the broker: to the room but its sender, then to the store."""
         sender = self._connections.get(ack.conn_id)
-        visible = message if "key" not in message else {name: value for name, value in message.items() if name != "key"}
+        visible = _for_members(message)
         count = self._rooms.publish(room, message["id"], text_message(visible, self.config),
                                     (sender,) if sender is not None else (), ack.conn_id)
         self.metrics.deliveries += count
